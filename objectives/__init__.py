@@ -1,0 +1,1 @@
+"""Quality objectives for the compression search: scorers, recovery maths, fidelity metrics, tasks."""

@@ -1,0 +1,292 @@
+"""Evaluation tasks as data: one YAML file per task in ``objectives/tasks/``.
+
+A task names a source of (image, question, answers[, choices]) rows, how its columns map onto
+those roles, a prompt template, a scorer, and a deterministic subsample. Sources:
+
+* ``builtin:<task>``: the generated suite in ``builtin_suite`` (generated into the cache if missing)
+* ``hub:<name>``: ``datasets.load_dataset(name, config, split=split)``
+* ``disk:<path>``: ``datasets.load_from_disk(path)`` (``split`` picks from a DatasetDict)
+* ``imagefolder:<path>``: ``datasets.load_dataset("imagefolder", data_dir=path)``
+* ``jsonl:<path>``: one JSON object a line; image paths are relative to the file
+
+Relative paths in a YAML file's source are relative to that YAML file.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from objectives import builtin_suite
+from objectives.scorers import get_scorer
+
+TASK_DIR = Path(__file__).parent / "tasks"
+SCHEMES = ("builtin", "hub", "disk", "imagefolder", "jsonl")
+COLUMN_ROLES = ("id", "image", "question", "answers", "choices")
+DEFAULT_COLUMNS: dict[str, str | None] = {
+    "id": None,
+    "image": "image",
+    "question": "question",
+    "answers": "answers",
+    "choices": None,
+}
+TEMPLATE_FIELDS = ("question", "choices")
+OPTION_LETTERS = string.ascii_uppercase
+# Builtin sources are generated at this size (the suite's default).
+BUILTIN_IMAGE_SIZE = (448, 448)
+BUILTIN_DEFAULT_N = 32
+
+
+@dataclass
+class Task:
+    name: str
+    source: str
+    scorer: str
+    prompt_template: str = "{question}"
+    split: str | None = None
+    config: str | None = None
+    columns: dict[str, str | None] = field(default_factory=dict)
+    n_samples: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        scheme, _, target = self.source.partition(":")
+        if scheme not in SCHEMES or not target:
+            raise ValueError(
+                f"task {self.name!r}: source {self.source!r} is not '<scheme>:<target>'"
+                f" with scheme in {SCHEMES}"
+            )
+        if scheme == "builtin" and target not in builtin_suite.TASKS:
+            raise ValueError(
+                f"task {self.name!r}: unknown builtin task {target!r}; known: {builtin_suite.TASKS}"
+            )
+        if scheme == "hub" and self.split is None:
+            raise ValueError(f"task {self.name!r}: a hub source needs a split")
+        get_scorer(self.scorer)
+        if not isinstance(self.columns, dict):
+            raise ValueError(f"task {self.name!r}: columns must be a mapping of role -> column name")
+        unknown = sorted(set(self.columns) - set(COLUMN_ROLES))
+        if unknown:
+            raise ValueError(
+                f"task {self.name!r}: unknown column role(s) {unknown}; known: {list(COLUMN_ROLES)}"
+            )
+        self.columns = {**DEFAULT_COLUMNS, **self.columns}
+        used = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+        if used - set(TEMPLATE_FIELDS):
+            raise ValueError(
+                f"task {self.name!r}: prompt_template uses {sorted(used - set(TEMPLATE_FIELDS))};"
+                f" allowed: {TEMPLATE_FIELDS}"
+            )
+        # Choices the prompt never shows would make a multiple-choice task unanswerable.
+        if self.columns["choices"] is not None and "choices" not in used:
+            raise ValueError(
+                f"task {self.name!r}: columns.choices is set but prompt_template has no {{choices}}"
+            )
+        if self.n_samples is not None and self.n_samples < 1:
+            raise ValueError(f"task {self.name!r}: n_samples must be >= 1 or null")
+
+    @property
+    def scheme(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def target(self) -> str:
+        return self.source.partition(":")[2]
+
+
+@dataclass
+class Example:
+    id: str
+    image: Image.Image | None
+    prompt: str
+    answers: list[str]
+
+
+_TASK_KEYS = tuple(f.name for f in fields(Task))
+_LOCAL_SCHEMES = ("disk", "imagefolder", "jsonl")
+
+
+def load_task_file(path: str | os.PathLike) -> Task:
+    """One task from a YAML file; ``name`` defaults to the file's stem."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a task file must be a YAML mapping")
+    for key in data:
+        if key not in _TASK_KEYS:
+            raise ValueError(f"{path}: unknown key {key!r}; allowed: {list(_TASK_KEYS)}")
+    data.setdefault("name", path.stem)
+    scheme, _, target = str(data.get("source", "")).partition(":")
+    if scheme in _LOCAL_SCHEMES and target and not Path(target).is_absolute():
+        data["source"] = f"{scheme}:{(path.parent / target).resolve()}"
+    try:
+        return Task(**data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_registry(directory: str | os.PathLike = TASK_DIR) -> dict[str, Task]:
+    """All tasks defined by ``*.yaml`` files in ``directory``, by name."""
+    registry: dict[str, Task] = {}
+    for path in sorted(Path(directory).glob("*.yaml")):
+        task = load_task_file(path)
+        if task.name in registry:
+            raise ValueError(f"{path}: task name {task.name!r} is defined twice")
+        registry[task.name] = task
+    return registry
+
+
+def get_task(name: str, directory: str | os.PathLike = TASK_DIR) -> Task:
+    registry = load_registry(directory)
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(registry)}") from None
+
+
+def subsample_indices(n_total: int, n_samples: int | None, seed: int) -> list[int]:
+    """Sorted row indices to use. Prefixes of one permutation, so a smaller n_samples with the same
+    seed picks a subset of a larger one."""
+    if n_samples is None or n_samples >= n_total:
+        return list(range(n_total))
+    chosen = np.random.default_rng(seed).permutation(n_total)[:n_samples]
+    return sorted(int(i) for i in chosen)
+
+
+def _open_image(value: Any) -> Image.Image | None:
+    if value is None:
+        return None
+    # convert() also copies the pixels, so no image keeps its file open.
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, Mapping):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+    with Image.open(value) as opened:
+        return opened.convert("RGB")
+
+
+def _as_answers(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _as_choices(value: Any, task: Task) -> list[str]:
+    # MMMU stores options as the repr of a Python list.
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"task {task.name!r}: choices {value[:80]!r} is not a list") from None
+    if not isinstance(value, (list, tuple)) or len(value) > len(OPTION_LETTERS):
+        raise ValueError(f"task {task.name!r}: choices must be a list of at most {len(OPTION_LETTERS)} items")
+    return [str(v) for v in value]
+
+
+def format_choices(choices: Sequence[str]) -> str:
+    return "\n".join(f"{OPTION_LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+
+
+def _example(task: Task, row: Mapping[str, Any], index: int) -> Example:
+    cols = task.columns
+
+    def get(role: str) -> Any:
+        column = cols[role]
+        if column is None:
+            return None
+        if column not in row:
+            raise ValueError(
+                f"task {task.name!r}: column {column!r} (for {role}) not in row; columns: {sorted(row)}"
+            )
+        return row[column]
+
+    choices = get("choices")
+    prompt = task.prompt_template.format(
+        question=str(get("question") or ""),
+        choices=format_choices(_as_choices(choices, task)) if choices is not None else "",
+    )
+    row_id = get("id")
+    return Example(
+        id=str(row_id) if row_id is not None else f"{task.name}-{index}",
+        image=_open_image(get("image")),
+        prompt=prompt,
+        answers=_as_answers(get("answers")),
+    )
+
+
+def _builtin_rows(task: Task, cache_dir: Path) -> list[dict[str, Any]]:
+    n = task.n_samples or BUILTIN_DEFAULT_N
+    width, height = BUILTIN_IMAGE_SIZE
+    suite_dir = cache_dir / "builtin" / f"seed{task.seed}-n{n}-{width}x{height}"
+    if not (suite_dir / builtin_suite.MANIFEST).exists():
+        builtin_suite.generate(suite_dir, seed=task.seed, n_per_task=n, image_size=BUILTIN_IMAGE_SIZE)
+    rows = [row for row in builtin_suite.load(suite_dir) if row["task"] == task.target]
+    return [{**row, "image": suite_dir / row["image"]} for row in rows]
+
+
+def _jsonl_rows(path: Path, task: Task) -> list[dict[str, Any]]:
+    rows = []
+    image_column = task.columns["image"]
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                if image_column is not None and row.get(image_column) is not None:
+                    row[image_column] = path.parent / row[image_column]
+                rows.append(row)
+    return rows
+
+
+def _dataset(task: Task, cache_dir: Path) -> Any:
+    import datasets  # heavy; only the hub/disk/imagefolder sources need it
+
+    if task.scheme == "hub":
+        return datasets.load_dataset(task.target, task.config, split=task.split)
+    if task.scheme == "imagefolder":
+        # The arrow files built from a local folder belong with the other derived data.
+        return datasets.load_dataset(
+            "imagefolder",
+            data_dir=task.target,
+            split=task.split or "train",
+            cache_dir=str(cache_dir / "datasets"),
+        )
+    loaded = datasets.load_from_disk(task.target)
+    if isinstance(loaded, datasets.DatasetDict):
+        if task.split is None:
+            raise ValueError(f"task {task.name!r}: {task.target} holds splits {list(loaded)}; set split")
+        return loaded[task.split]
+    return loaded
+
+
+def load_examples(task: Task, cache_dir: str | os.PathLike) -> list[Example]:
+    """The task's examples: subsampled by (n_samples, seed), template applied, images as RGB.
+
+    ``cache_dir`` holds the generated builtin suite and imagefolder's arrow files; hub datasets
+    use the datasets library's own cache, where downloads are shared with other tools.
+    """
+    if task.scheme == "builtin":
+        rows: Any = _builtin_rows(task, Path(cache_dir))
+    elif task.scheme == "jsonl":
+        rows = _jsonl_rows(Path(task.target), task)
+    else:
+        rows = _dataset(task, Path(cache_dir))
+    indices = subsample_indices(len(rows), task.n_samples, task.seed)
+    if isinstance(rows, list):
+        selected = [rows[i] for i in indices]
+    else:
+        # Select before iterating so that only the chosen rows' images are decoded.
+        selected = rows.select(indices)
+    return [_example(task, row, index) for row, index in zip(selected, indices, strict=True)]

@@ -1,0 +1,270 @@
+"""Command line: `python -m search run|status|show|export|compress|make-toy`.
+
+Everything that can be wrong with the input (options, space file, presets, model path, storage
+URL, environments) is checked before any model is touched, and reported as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+DEFAULT_HOME = Path(os.environ.get("SEARCH_HOME", ".search"))
+DEFAULT_STUDY = "gemma4-energy"
+DEFAULT_SPACE = PROJECT / "spaces" / "default.yaml"
+DEFAULT_PRESETS = PROJECT / "spaces" / "presets" / "seeds.yaml"
+TOY = "toy"
+
+
+def _venv_python(name: str) -> str:
+    candidate = PROJECT / ".venvs" / name / "bin" / "python"
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default: {DEFAULT_STUDY})")
+    parser.add_argument("--storage", default=None,
+                        help="Optuna storage URL (default: sqlite:///HOME/optuna.db; postgresql://... for many workers)")
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                        help="where studies, the checkpoint cache and the MLflow store live "
+                             "(default: $SEARCH_HOME or ./.search)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m search",
+        description="Search compression and vLLM serving settings of a multimodal LLM for the least "
+                    "energy at >= 80%% quality recovery.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="create or resume a study and run trials",
+                         description="Create or resume a study and run trials until it holds --trials finished ones.")
+    _common(run)
+    run.add_argument("--trials", type=int, default=50, help="finished trials the study should hold (default: 50)")
+    run.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    run.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="space YAML (default: spaces/default.yaml)")
+    run.add_argument("--model", default=None,
+                     help="'toy' (the embedded toy Gemma 4), a local checkpoint folder, or a Hub id; "
+                          "default: the space file's model")
+    run.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "motpe", "gp", "random"],
+                     help="tpe: minimise energy s.t. recovery >= gate (default); nsga2/motpe: the "
+                          "(energy, recovery) front")
+    run.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    run.add_argument("--warm-start", choices=["none", "seeds"], default="none",
+                     help="seeds: enqueue the five seed configurations and the bf16 reference first")
+    run.add_argument("--gate", type=float, default=0.8, help="minimum mean recovery (default: 0.8)")
+    run.add_argument("--gate-use", choices=["point", "lower"], default="point",
+                     help="gate on the point estimate or the bootstrap lower bound (default: point)")
+    run.add_argument("--per-task-min", type=float, default=None, help="also require every task's recovery >= this")
+    run.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: sqlite:///HOME/mlflow.db)")
+    run.add_argument("--serve-python", default=os.environ.get("SEARCH_SERVE_PYTHON") or _venv_python("serve"),
+                     help="python of the environment with vLLM (default: .venvs/serve, or $SEARCH_SERVE_PYTHON)")
+    run.add_argument("--compress-python", default=os.environ.get("SEARCH_COMPRESS_PYTHON") or _venv_python("main"),
+                     help="python of the environment with llmcompressor (default: .venvs/main)")
+    run.add_argument("--cache-cap-gb", type=float, default=None, help="size cap of the checkpoint cache (LRU)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="pin an option for every trial, e.g. --set workload.n_requests=16 (YAML value)")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="allow checkpoints to run their own code (off by default)")
+
+    status = sub.add_parser("status", help="trial counts by state and the best feasible trial")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    show = sub.add_parser("show", help="one trial: configuration, metrics, reason")
+    _common(show)
+    show.add_argument("trial", type=int)
+
+    export = sub.add_parser("export", help="the Pareto front as CSV/JSON with deployable configs")
+    _common(export)
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+
+    toy = sub.add_parser("make-toy", help="write the embedded toy Gemma 4 checkpoint")
+    toy.add_argument("out", type=Path)
+    toy.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _storage(args) -> str:
+    return args.storage or f"sqlite:///{(args.home / 'optuna.db').resolve()}"
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def check_storage(url: str) -> None:
+    """Connect once, so an unreachable database is a one-line error, not a traceback mid-study."""
+    import sqlalchemy
+    from search.track import redact
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if url.startswith("postgres") else {})
+        with engine.connect():
+            pass
+    except Exception as exc:
+        reason = str(exc).splitlines()[0]
+        raise ValueError(f"cannot reach storage {redact(url)}: {reason[:200]}") from None
+
+
+def resolve_model(model: str, home: Path, serve_python: str) -> Path:
+    """'toy' builds the embedded model once; a folder must hold a config.json; a Hub id needs the hub."""
+    if model == TOY:
+        target = home / "models" / "toy-gemma4-seed0"
+        if not (target / "config.json").exists():
+            import subprocess
+            tmp = target.with_name(target.name + ".tmp")
+            subprocess.run([serve_python, "-m", "search.toy_model", str(tmp)], check=True, cwd=PROJECT,
+                           capture_output=True)
+            tmp.rename(target)
+        return target.resolve()
+    path = Path(model)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model folder {path} has no config.json")
+        return path.resolve()
+    if "/" in model and not model.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+        try:
+            return Path(snapshot_download(model, token=os.environ.get("HF_TOKEN")))
+        except GatedRepoError:
+            raise ValueError(f"{model} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+        except (HfHubHTTPError, OSError) as exc:
+            raise ValueError(f"cannot fetch {model} from the Hub: {str(exc).splitlines()[0][:200]}") from None
+    raise ValueError(f"model path does not exist: {model}")
+
+
+def cmd_run(args) -> int:
+    from search import config as cfg
+    from search import space as space_mod
+
+    space = space_mod.load(args.space)
+    overrides = _overrides(args.set)
+    if overrides:
+        space = space_mod.Space(space.path, space.model, {**space.fixed, **overrides}, space.params,
+                                space.constraints, space.reference)
+        cfg.build(space.fixed)
+    presets = space_mod.load_presets(DEFAULT_PRESETS)
+    storage_url = _storage(args)
+    args.home.mkdir(parents=True, exist_ok=True)
+    check_storage(storage_url)
+    for label, python in (("serving", args.serve_python), ("compression", args.compress_python)):
+        if not Path(python).exists():
+            raise ValueError(f"{label} python not found: {python} (run ./setup.sh, or pass --{label[:5]}-python)")
+    model = resolve_model(args.model or space.model, args.home, args.serve_python)
+
+    from objectives.recovery import Gate
+    from search import feasibility, study as study_mod, trial as trial_mod
+    from search.compress import CheckpointCache
+    from search.compress.stage import model_fingerprint
+    from search.progress import Progress
+    from search.serve import ServerPool
+    from search.track import Tracker, mlflow_version
+
+    platform = feasibility.probe(args.serve_python, args.compress_python)
+    home = args.home.resolve()
+    workdir = study_mod.study_dir(home, args.study)
+    cache = CheckpointCache(home / "cache", int(args.cache_cap_gb * 2**30) if args.cache_cap_gb else None)
+    serve_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}  # field notes: the FlashInfer sampler hangs at first use
+    if not args.trust_remote_code:
+        serve_env["HF_HUB_TRUST_REMOTE_CODE"] = "0"
+    pool = ServerPool(args.serve_python, env=serve_env)
+    gate = Gate(threshold=args.gate, use=args.gate_use, per_task_min=args.per_task_min)
+    runtime = trial_mod.Runtime(workdir, model, cache, pool, args.compress_python, platform, gate,
+                                space.reference_config(), home / "data")
+    study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed)
+    study.set_user_attr("model", str(args.model or space.model))
+    study.set_user_attr("gate_threshold", args.gate)
+    tracker = Tracker(args.mlflow_uri or f"sqlite:///{home / 'mlflow.db'}", args.study, home / "mlartifacts",
+                      workdir / "mlflow-spool")
+    progress = Progress()
+    try:
+        fingerprint = model_fingerprint(model, cache.root / "fingerprints")
+        baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
+                                                   progress.stage)
+        tracker.log_study(
+            {"space": str(args.space), "model": args.model or space.model, "sampler": args.sampler, "seed": args.seed,
+             "gate": args.gate, "gate_use": args.gate_use, "storage": storage_url},
+            {"device": platform.device, "gpu": platform.gpu_name or "none", "vllm": platform.vllm_version,
+             "llmcompressor": platform.llmcompressor_version, "mlflow": mlflow_version()})
+        options = study_mod.RunOptions(args.trials, args.timeout, args.warm_start, presets)
+        counts = study_mod.run(study, space, runtime, baseline, tracker, options, progress)
+    finally:
+        progress.close()
+        pool.close()
+    from search.export import figures
+    made = figures(study, workdir / "figures")
+    try:
+        tracker.log_figures(made)
+    except Exception as exc:  # the figures stay on disk; the next run logs them again
+        print(f"warning: could not log figures to MLflow: {exc}", file=sys.stderr)
+    print(json.dumps({"study": args.study, "counts": counts}, indent=2))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from search import study as study_mod
+    summary = study_mod.summary(study_mod.load_study(args.study, _storage(args)))
+    if args.json:
+        print(study_mod.dumps(summary))
+        return 0
+    counts = summary["counts"]
+    print(f"study {summary['study']}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    best = summary["best_feasible"]
+    if best is None:
+        print("no feasible trial yet")
+    else:
+        print(f"best feasible: trial {best['trial']}  {best['objective']:.6g} J/request "
+              f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}")
+        for key, value in sorted((best["config"] or {}).items()):
+            print(f"  {key} = {value}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from search import study as study_mod
+    print(study_mod.dumps(study_mod.trial_record(study_mod.load_study(args.study, _storage(args)), args.trial)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from search import study as study_mod
+    from search.export import export, figures
+    study = study_mod.load_study(args.study, _storage(args))
+    rows = export(study, args.out)
+    figures(study, args.out)
+    print(f"{len(rows)} points ({sum(r['feasible'] for r in rows)} feasible) written to {args.out}")
+    return 0
+
+
+def cmd_make_toy(args) -> int:
+    from search.toy_model import build
+    print(build(args.out, seed=args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
+                "make-toy": cmd_make_toy}
+    from search.config import ConfigError
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running trial is recorded as failed and is retried on the next run",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,103 @@
+"""Run one compression through the cache: key, recipe, child process, result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from search.compress.cache import CheckpointCache
+from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
+from search.config import CompressionConfig, flatten
+
+
+class CompressionFailed(RuntimeError):
+    """The child process failed; the message is the reason recorded on the trial."""
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    checkpoint: Path
+    recipe: dict
+    key: str | None
+    cache_hit: bool
+    seconds: float  # spent by this call
+    saved_seconds: float  # what the cached compression once cost, on a hit
+    size_bytes: int
+
+
+def model_fingerprint(model_dir: Path, memo_dir: Path) -> str:
+    """sha256 of every file of a checkpoint, memoised by (path, sizes, mtimes) so 16 GB hash once."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    stamp = hashlib.sha256(json.dumps(
+        [str(model_dir.resolve())] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    ).encode()).hexdigest()
+    memo = memo_dir / f"fingerprint-{stamp}"
+    if memo.exists():
+        return memo.read_text()
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(model_dir)).encode())
+        with open(p, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def cache_key(base_fingerprint: str, config: CompressionConfig, llmcompressor_version: str) -> str:
+    material = {"base": base_fingerprint, "compress": flatten(config), "llmcompressor": llmcompressor_version}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache, python: str,
+             llmcompressor_version: str, log_path: Path, timeout_s: float = 3600) -> CompressResult:
+    started = time.perf_counter()
+    model_config = json.loads((base_model / "config.json").read_text())
+    num_layers = model_config.get("text_config", model_config)["num_hidden_layers"]
+    recipe = build_recipe(config, num_layers)
+    if not config.needs_checkpoint:
+        return CompressResult(base_model, recipe, None, False, 0.0, 0.0, 0)
+    key = cache_key(model_fingerprint(base_model, cache.root / "fingerprints"), config, llmcompressor_version)
+
+    def create(out_dir: Path) -> dict:
+        work = cache.root / "tmp" / f"{key}-spec"
+        work.mkdir(parents=True, exist_ok=True)
+        recipe_path = work / "recipe.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        spec = {"base_model": str(base_model), "out_dir": str(out_dir), "recipe_path": str(recipe_path),
+                "pipeline": pipeline_for(recipe, model_config), "needs_calibration": needs_calibration(recipe),
+                "calibration": flatten(config.calibration)}
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            try:
+                proc = subprocess.run([python, "-m", "search.compress.worker", str(spec_path)],
+                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                      cwd=Path(__file__).resolve().parents[2])
+            except subprocess.TimeoutExpired:
+                raise CompressionFailed(f"compression exceeded its {timeout_s:.0f} s budget") from None
+        if proc.returncode != 0:
+            raise CompressionFailed(f"compression exited {proc.returncode}: {_last_error(log_path)}")
+        stats = json.loads((out_dir / "compress_stats.json").read_text())
+        return {**stats, "compress_seconds": time.perf_counter() - t0}
+
+    checkpoint, hit, meta = cache.get_or_create(key, create)
+    return CompressResult(checkpoint, recipe, key, hit, time.perf_counter() - started,
+                          meta["compress_seconds"] if hit else 0.0, meta["size_bytes"])
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a failed child's log: its last exception line."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line or line.startswith("Killed"):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output (killed by the OS? out of memory?)"

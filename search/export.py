@@ -1,0 +1,154 @@
+"""Pareto-front export and the study's figures.
+
+`pareto_front` is plain maths over (energy, recovery) points; `export` writes the front as CSV and
+JSON plus, for each point, a folder with its vllm_config.yaml, recipe.yaml and the commands that
+rebuild and serve it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+
+@dataclass(frozen=True)
+class Point:
+    trial: int
+    energy: float  # minimised
+    recovery: float  # maximised
+    feasible: bool
+
+
+def dominates(a: Point, b: Point) -> bool:
+    return (a.energy <= b.energy and a.recovery >= b.recovery) and (a.energy < b.energy or a.recovery > b.recovery)
+
+
+def pareto_front(points: list[Point]) -> list[Point]:
+    """Non-dominated points: the feasible front first (by energy), then the infeasible front."""
+    def front(group: list[Point]) -> list[Point]:
+        return sorted((p for p in group if not any(dominates(q, p) for q in group)), key=lambda p: p.energy)
+    return front([p for p in points if p.feasible]) + front([p for p in points if not p.feasible])
+
+
+def points(study: optuna.Study) -> list[Point]:
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        metrics = t.user_attrs.get("metrics", {})
+        out.append(Point(t.number, t.values[0], metrics.get("recovery_mean", 0.0), bool(t.user_attrs.get("feasible"))))
+    return out
+
+
+def _rebuild_command(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
+    config = trial.user_attrs.get("config", {})
+    sets = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in sorted(config.items())
+                    if k.startswith("compress."))
+    return f"python -m search compress --model {shlex.quote(study.user_attrs.get('model', 'MODEL'))} {sets} --out CHECKPOINT"
+
+
+def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    rows = []
+    for rank, point in enumerate(pareto_front(points(study))):
+        t = trials[point.trial]
+        row = {"rank": rank, "trial": t.number, "feasible": point.feasible, "energy_j_per_request": point.energy,
+               "recovery_mean": point.recovery, "energy_source": t.user_attrs.get("energy_source"),
+               **{f"param.{k}": v for k, v in t.user_attrs.get("config", {}).items()},
+               **{f"metric.{k}": v for k, v in t.user_attrs.get("metrics", {}).items()}}
+        rows.append(row)
+        folder = out_dir / f"trial-{t.number:04d}"
+        folder.mkdir(exist_ok=True)
+        workdir = Path(t.user_attrs.get("workdir", ""))
+        for name in ("vllm_config.yaml", "recipe.yaml"):
+            if (workdir / name).exists():
+                shutil.copy2(workdir / name, folder / name)
+        (folder / "README.md").write_text(
+            f"# Trial {t.number} ({'feasible' if point.feasible else 'infeasible'})\n\n"
+            f"energy {point.energy:.6g} J/request ({row['energy_source']}), mean recovery {point.recovery:.4f}\n\n"
+            "Rebuild the checkpoint (recipe.yaml holds the exact llmcompressor recipe):\n\n"
+            f"    {_rebuild_command(t, study)}\n\n"
+            "Serve it as the trial did:\n\n    vllm serve CHECKPOINT --config vllm_config.yaml\n")
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k.count("."), k))
+    with open(out_dir / "pareto.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    (out_dir / "pareto.json").write_text(json.dumps(rows, indent=2, default=str))
+    return rows
+
+
+def figures(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
+    """Pareto plot, optimisation history and parameter importances as PNGs (what the parent run shows)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+    pts = points(study)
+    if pts:
+        front = {p.trial for p in pareto_front(pts) if p.feasible}
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for feasible, colour, label in ((False, "#bbbbbb", "infeasible"), (True, "#1f77b4", "feasible")):
+            group = [p for p in pts if p.feasible == feasible]
+            ax.scatter([p.energy for p in group], [p.recovery for p in group], c=colour, label=label, s=28)
+        line = sorted((p for p in pts if p.trial in front), key=lambda p: p.energy)
+        ax.plot([p.energy for p in line], [p.recovery for p in line], "-o", c="#d62728", label="feasible front")
+        for p in line:
+            ax.annotate(str(p.trial), (p.energy, p.recovery), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        gate = study.user_attrs.get("gate_threshold", 0.8)
+        ax.axhline(gate, ls="--", c="k", lw=0.8, label=f"gate {gate}")
+        ax.set_xlabel("energy per request [J]" + (" (estimate)" if any(
+            t.user_attrs.get("energy_source") == "estimate" for t in study.get_trials(deepcopy=False)) else ""))
+        ax.set_ylabel("mean recovery")
+        ax.set_title(f"{study.study_name}: energy vs recovery")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made["pareto"] = out_dir / "pareto.png"
+        fig.savefig(made["pareto"], dpi=110)
+        plt.close(fig)
+
+        done = sorted((p for p in pts), key=lambda p: p.trial)
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.scatter([p.trial for p in done], [p.energy for p in done],
+                   c=["#1f77b4" if p.feasible else "#bbbbbb" for p in done], s=20)
+        best, running = None, []
+        for p in done:
+            if p.feasible and (best is None or p.energy < best):
+                best = p.energy
+            running.append(best)
+        ax.step([p.trial for p in done], running, where="post", c="#d62728", label="best feasible")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("energy per request [J]")
+        ax.set_title("optimisation history")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made["history"] = out_dir / "history.png"
+        fig.savefig(made["history"], dpi=110)
+        plt.close(fig)
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) >= 4 and len(study.directions) == 1:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):
+            importances = {}
+        if importances:
+            names = list(importances)[::-1]
+            fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+            ax.barh(names, [importances[n] for n in names], color="#1f77b4")
+            ax.set_xlabel("importance for energy per request (fANOVA)")
+            fig.tight_layout()
+            made["importances"] = out_dir / "importances.png"
+            fig.savefig(made["importances"], dpi=110)
+            plt.close(fig)
+    return made

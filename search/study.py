@@ -1,0 +1,248 @@
+"""The study: Optuna over the joint space, one trial pipeline per trial, MLflow for review.
+
+Samplers are chosen by name (constraint-aware TPE by default: the gate is a trial constraint); the storage is any Optuna RDB URL
+(SQLite by default, PostgreSQL for many workers) with heartbeats, so a worker that dies mid-trial
+has its trial failed and retried by the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from search import config as cfg
+from search import space as space_mod
+from search import trial as trial_mod
+from search.compress import CompressionFailed
+from search.progress import Progress
+from search.serve import ServerFailed
+from search.track import Tracker
+
+OBJECTIVE = "energy_j_per_request"
+SAMPLERS = ("tpe", "nsga2", "motpe", "gp", "random")
+MULTI_OBJECTIVE = ("nsga2", "motpe")
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if name in ("tpe", "motpe"):  # the same sampler; the study's directions make it multi-objective
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                          n_startup_trials=8)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise cfg.ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+
+
+def storage(url: str) -> RDBStorage:
+    return RDBStorage(url, heartbeat_interval=30, grace_period=90,
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+                      engine_kwargs={"pool_pre_ping": True})
+
+
+def open_study(name: str, storage_url: str, sampler: str = "tpe", seed: int | None = 0) -> optuna.Study:
+    directions = ["minimize", "maximize"] if sampler in MULTI_OBJECTIVE else ["minimize"]
+    return optuna.create_study(study_name=name, storage=storage(storage_url), sampler=make_sampler(sampler, seed),
+                               directions=directions, load_if_exists=True)
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=storage(storage_url))
+    except KeyError:
+        raise cfg.ConfigError(f"no study named {name!r} in {storage_url}") from None
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    out = {"complete": 0, "feasible": 0, "infeasible": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            out["complete"] += 1
+            out["feasible" if t.user_attrs.get("feasible") else "infeasible"] += 1
+        elif t.state == TrialState.PRUNED:
+            out["infeasible" if t.user_attrs.get("infeasible") else "pruned"] += 1
+        elif t.state == TrialState.FAIL:
+            out["failed"] += 1
+        elif t.state == TrialState.RUNNING:
+            out["running"] += 1
+        elif t.state == TrialState.WAITING:
+            out["waiting"] += 1
+    return out
+
+
+def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("feasible")]
+    return min(feasible, key=lambda t: t.values[0], default=None)
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+
+
+@dataclass
+class RunOptions:
+    trials: int
+    timeout_s: float | None
+    warm_start: str
+    presets: dict[str, dict[str, Any]]
+
+
+def warm_start(study: optuna.Study, space: space_mod.Space, presets: dict[str, dict[str, Any]]) -> int:
+    """Enqueue each preset once per study (a resumed study does not enqueue them again)."""
+    done = set(study.user_attrs.get("warm_started", []))
+    queued = 0
+    for name, values in presets.items():
+        if name in done:
+            continue
+        study.enqueue_trial(space.enqueue_params(values), user_attrs={"preset": name})
+        done.add(name)
+        queued += 1
+    study.set_user_attr("warm_started", sorted(done))
+    return queued
+
+
+def retry_interrupted(study: optuna.Study) -> int:
+    """Trials a Ctrl-C or crash left failed are run again once, with the same parameters."""
+    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    queued = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if t.user_attrs.get("interrupted") and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **(
+                {"preset": t.user_attrs["preset"]} if "preset" in t.user_attrs else {})})
+            queued += 1
+    return queued
+
+
+class Objective:
+    def __init__(self, study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
+                 baseline: dict, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
+                 multi_objective: bool):
+        self.study = study
+        self.space = space
+        self.runtime = runtime
+        self.baseline = baseline
+        self.tracker = tracker
+        self.presets = presets
+        self.progress = progress
+        self.multi_objective = multi_objective
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        workdir = self.runtime.workdir / f"trial-{trial.number:04d}"
+        trial.set_user_attr("workdir", str(workdir))
+        preset = self.presets.get(trial.user_attrs.get("preset", ""), {})
+        self.progress.trial_started(trial.number, trial.user_attrs.get("preset"))
+        record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": {}, "tags": {}, "artifacts": []}
+        started = time.perf_counter()
+        try:
+            config = self.space.sample(trial, preset)
+            record["params"] = config.flat()
+            trial.set_user_attr("config", record["params"])
+            outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage)
+        except space_mod.Infeasible as exc:
+            return self._end(trial, record, "PRUNED", f"infeasible: {exc}", started, infeasible=True)
+        except trial_mod.TrialPruned as exc:
+            return self._end(trial, record, "PRUNED", f"pruned: {exc}", started)
+        except (CompressionFailed, ServerFailed, RuntimeError, OSError, ValueError) as exc:
+            self.runtime.pool.discard()  # a server that saw a failure is not reused
+            return self._end(trial, record, "FAIL", f"{type(exc).__name__}: {exc}", started, workdir=workdir)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            self._end(trial, record, "FAIL", "interrupted (Ctrl-C)", started, raise_=False, workdir=workdir)
+            raise
+        record["metrics"] = outcome.metrics
+        record["tags"] = outcome.tags
+        record["artifacts"] = [str(p) for p in outcome.artifacts]
+        trial.set_user_attr("metrics", {k: v for k, v in outcome.metrics.items() if _finite(v)})
+        trial.set_user_attr("feasible", outcome.feasible)
+        trial.set_user_attr("energy_source", outcome.tags["energy_source"])
+        # <= 0 is feasible: the samplers read it to prefer configurations that pass the gate.
+        trial.set_constraint("recovery_gate", -outcome.metrics["recovery_margin"])
+        record["metrics"]["trial_s"] = time.perf_counter() - started
+        record["tags"].update({"state": "COMPLETE", "search.study": self.study.study_name})
+        self.tracker.log_trial(record)
+        self.progress.trial_finished("complete", outcome.objective if outcome.feasible else None)
+        if self.multi_objective:
+            return outcome.objective, outcome.recovery
+        return outcome.objective
+
+    def _end(self, trial: optuna.Trial, record: dict, state: str, reason: str, started: float,
+             infeasible: bool = False, raise_: bool = True, workdir: Path | None = None):
+        trial.set_user_attr("reason", reason[:1000])
+        trial.set_user_attr("infeasible", infeasible)
+        record["tags"].update({"state": "INFEASIBLE" if infeasible else state, "failure_reason": reason[:4000],
+                               "feasible": "false", "search.study": self.study.study_name})
+        record["metrics"]["trial_s"] = time.perf_counter() - started
+        if workdir is not None:
+            record["artifacts"] = [str(p) for p in sorted(workdir.glob("*")) if p.is_file()]
+        self.tracker.log_trial(record)
+        self.progress.trial_finished("infeasible" if infeasible else state.lower(), None, reason)
+        if not raise_:
+            return None
+        if state == "PRUNED":
+            raise optuna.TrialPruned(reason)
+        raise TrialFailed(reason)
+
+
+class TrialFailed(Exception):
+    """Raised inside the objective so Optuna records the trial as failed (caught by optimize)."""
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: dict,
+        tracker: Tracker, options: RunOptions, progress: Progress) -> dict[str, int]:
+    if options.warm_start == "seeds":
+        warm_start(study, space, options.presets)
+    retry_interrupted(study)
+    objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
+                          len(study.directions) > 1)
+    remaining = options.trials - finished(study)
+    progress.study_started(study, options.trials)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=options.timeout_s, catch=(TrialFailed,))
+    tracker.flush()
+    return counts(study)
+
+
+def study_dir(home: Path, name: str) -> Path:
+    path = home / "studies" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def summary(study: optuna.Study) -> dict[str, Any]:
+    best = best_feasible(study)
+    return {
+        "study": study.study_name,
+        "counts": counts(study),
+        "best_feasible": None if best is None else {
+            "trial": best.number, "objective": best.values[0], "objective_name": OBJECTIVE,
+            "recovery_mean": best.user_attrs.get("metrics", {}).get("recovery_mean"),
+            "energy_source": best.user_attrs.get("energy_source"), "config": best.user_attrs.get("config")},
+    }
+
+
+def trial_record(study: optuna.Study, number: int) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise cfg.ConfigError(f"study {study.study_name} has no trial {number} (it has {len(trials)})")
+    t = trials[number]
+    return {"trial": t.number, "state": t.state.name, "values": t.values, "params": t.params,
+            "user_attrs": t.user_attrs, "duration_s": t.duration.total_seconds() if t.duration else None}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

