@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def cmd_run(args) -> int:
 
     from objectives.recovery import Gate
     from search import feasibility, study as study_mod, trial as trial_mod
-    from search.compress import CheckpointCache
+    from search.compress import CheckpointCache, Compressor
     from search.compress.stage import model_fingerprint
     from search.progress import Progress
     from search.serve import ServerPool
@@ -181,7 +182,8 @@ def cmd_run(args) -> int:
         serve_env["HF_HUB_TRUST_REMOTE_CODE"] = "0"
     pool = ServerPool(args.serve_python, env=serve_env)
     gate = Gate(threshold=args.gate, use=args.gate_use, per_task_min=args.per_task_min)
-    runtime = trial_mod.Runtime(workdir, model, cache, pool, args.compress_python, platform, gate,
+    compressor = Compressor(args.compress_python)
+    runtime = trial_mod.Runtime(workdir, model, cache, pool, compressor, platform, gate,
                                 space.reference_config(), home / "data")
     study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed)
     study.set_user_attr("model", str(args.model or space.model))
@@ -191,8 +193,10 @@ def cmd_run(args) -> int:
     progress = Progress()
     try:
         fingerprint = model_fingerprint(model, cache.root / "fingerprints")
+        started = time.perf_counter()
         baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
                                                    progress.stage)
+        study.set_user_attr("baseline_s", study.user_attrs.get("baseline_s", 0.0) + time.perf_counter() - started)
         tracker.log_study(
             {"space": str(args.space), "model": args.model or space.model, "sampler": args.sampler, "seed": args.seed,
              "gate": args.gate, "gate_use": args.gate_use, "storage": storage_url},
@@ -203,6 +207,7 @@ def cmd_run(args) -> int:
     finally:
         progress.close()
         pool.close()
+        compressor.close()
     from search.export import figures
     made = figures(study, workdir / "figures")
     try:

@@ -121,6 +121,8 @@ class ServeConfig:
     limit_images: int = 1
     image_soft_tokens: Literal[70, 140, 280, 560, 1120] = 70
     enforce_eager: bool = True
+    # "uni" runs the model in the engine process: one Python start fewer (~17 s on 2 CPU cores).
+    distributed_executor_backend: Literal["auto", "uni", "mp"] = "auto"
     dtype: str = "bfloat16"
     seed: int = 0
 

@@ -43,6 +43,8 @@ def vllm_config(serve: ServeConfig, compress: CompressionConfig) -> dict[str, An
         "enforce-eager": serve.enforce_eager,
         "seed": serve.seed,
     }
+    if serve.distributed_executor_backend != "auto":
+        args["distributed-executor-backend"] = serve.distributed_executor_backend
     if serve.max_num_batched_tokens is not None:
         args["max-num-batched-tokens"] = serve.max_num_batched_tokens
     if compress.scheme == "bnb_nf4":
@@ -142,10 +144,14 @@ def start(python: str, model: Path, config: dict[str, Any], workdir: Path, timeo
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--config", str(config_path)]
+    env = {**os.environ, **(env or {})}
+    if config.get("distributed-executor-backend") == "uni":
+        # vLLM's CPU platform turns "uni" back into "mp" unless engine multiprocessing is off.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     launched = time.monotonic()
     with open(log_path, "w") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, **(env or {})}, cwd=workdir)
+                                   env=env, cwd=workdir)
     server = Server(model, config_path, log_path, port, process, 0.0)
     deadline = launched + timeout_s
     while time.monotonic() < deadline:

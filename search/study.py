@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from search import config as cfg
@@ -46,7 +46,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 
 def storage(url: str) -> RDBStorage:
     return RDBStorage(url, heartbeat_interval=30, grace_period=90,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                       engine_kwargs={"pool_pre_ping": True})
 
 

@@ -20,7 +20,7 @@ from objectives import fidelity
 from objectives.recovery import Gate, RecoveryEstimate, estimate_recovery
 from objectives.scorers import get_scorer
 from search import energy, feasibility, workload
-from search.compress import CheckpointCache, compress
+from search.compress import CheckpointCache, Compressor, compress
 from search.config import TrialConfig, WorkloadConfig, flatten
 from search.feasibility import Platform
 from search.serve import Server, ServerPool, vllm_config
@@ -41,7 +41,7 @@ class Runtime:
     base_model: Path
     cache: CheckpointCache
     pool: ServerPool
-    compress_python: str
+    compressor: Compressor
     platform: Platform
     gate: Gate
     reference: TrialConfig
@@ -93,10 +93,9 @@ def load_or_make_baseline(runtime: Runtime, key: str, stage: Stage) -> dict[str,
     stage("baseline: teacher forcing")
     items = []
     for prompt, result in zip(prompts, results):
-        n = workload.count_tokens(server.base_url, server.served_name, result.answer)
         positions = workload.teacher_forced_logprobs(server.base_url, server.served_name, prompt,
-                                                     result.answer, ref.workload, n)
-        items.append({"id": prompt.id, "task": prompt.task, "answer": result.answer, "answer_tokens": n,
+                                                     result.answer, ref.workload)
+        items.append({"id": prompt.id, "task": prompt.task, "answer": result.answer,
                       "positions": positions, "completion_tokens": result.completion_tokens,
                       "label_score": get_scorer(prompt.scorer)(result.answer, list(prompt.answers))})
     baseline = {"key": key, "reference": flatten(ref), "items": items}
@@ -121,8 +120,7 @@ def _fidelity(server: Server, baseline_items: list[dict], prompts_by_id: dict[st
     out = []
     for item in baseline_items:
         positions = workload.teacher_forced_logprobs(server.base_url, server.served_name,
-                                                     prompts_by_id[item["id"]], item["answer"], reference,
-                                                     item["answer_tokens"])
+                                                     prompts_by_id[item["id"]], item["answer"], reference)
         out.append((item["task"], fidelity.top1_agreement(item["positions"], positions),
                     fidelity.topk_kl(item["positions"], positions)))
     return out
@@ -174,7 +172,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
     done()
 
     done = timed("compress")
-    result = compress(config.compress, runtime.base_model, runtime.cache, runtime.compress_python,
+    result = compress(config.compress, runtime.base_model, runtime.cache, runtime.compressor,
                       runtime.platform.llmcompressor_version, workdir / "compress.log")
     done()
     if (workdir / "compress.log").exists():

@@ -104,6 +104,8 @@ def request_body(model: str, prompt: Prompt, workload: WorkloadConfig, index: in
         "chat_template_kwargs": {"enable_thinking": workload.thinking},
         "stream": True,
         "stream_options": {"include_usage": True},
+        # Fidelity teacher-forces the baseline's answer as text: keep every generated token in it.
+        **({"skip_special_tokens": False, "ignore_eos": True} if workload.quality == "fidelity" else {}),
     }
 
 
@@ -162,9 +164,11 @@ def warm_up(base_url: str, model: str, prompts: list[Prompt], workload: Workload
 
 
 def teacher_forced_logprobs(base_url: str, model: str, prompt: Prompt, answer: str,
-                            workload: WorkloadConfig, answer_tokens: int, k: int = 5,
-                            timeout_s: float = 600) -> list[dict | None]:
-    """Top-k logprobs at the answer's positions, with the given answer forced as the model turn."""
+                            workload: WorkloadConfig, k: int = 5, timeout_s: float = 600) -> list[dict | None]:
+    """Top-k logprobs at every position of the prompt with `answer` forced as the model's turn.
+
+    All positions count, not only the answer's: a random-weight model's own answers are repetitive,
+    so the prompt's varied text and image positions are where its predictions are tested."""
     body = {
         "model": model,
         "messages": messages(prompt, workload) + [{"role": "assistant", "content": answer}],
@@ -177,15 +181,7 @@ def teacher_forced_logprobs(base_url: str, model: str, prompt: Prompt, answer: s
     }
     response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout_s)
     response.raise_for_status()
-    positions = response.json()["prompt_logprobs"]
-    return positions[-answer_tokens:] if answer_tokens else []
-
-
-def count_tokens(base_url: str, model: str, text: str) -> int:
-    response = httpx.post(f"{base_url}/tokenize",
-                          json={"model": model, "prompt": text, "add_special_tokens": False}, timeout=60)
-    response.raise_for_status()
-    return int(response.json()["count"])
+    return response.json()["prompt_logprobs"]
 
 
 def summarize(results: list[RequestResult], window_s: float) -> dict[str, float]:

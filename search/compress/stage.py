@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import select
 import subprocess
 import time
 from dataclasses import dataclass
@@ -56,7 +57,44 @@ def cache_key(base_fingerprint: str, config: CompressionConfig, llmcompressor_ve
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache, python: str,
+class Compressor:
+    """A long-lived compression child process, restarted after a crash or a time-out."""
+
+    def __init__(self, python: str):
+        self.python = python
+        self._process: subprocess.Popen | None = None
+
+    def run(self, spec_path: Path, log_path: Path, timeout_s: float) -> dict:
+        if self._process is None or self._process.poll() is not None:
+            self._process = subprocess.Popen(
+                [self.python, "-m", "search.compress.worker", "--serve"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                cwd=Path(__file__).resolve().parents[2])
+        process = self._process
+        process.stdin.write(f"{spec_path}\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+        if not ready:
+            self.close()
+            raise CompressionFailed(f"compression exceeded its {timeout_s:.0f} s budget")
+        line = process.stdout.readline()
+        if not line:  # the process died: killed by the OS (out of memory) or crashed
+            code = process.wait()
+            self._process = None
+            raise CompressionFailed(f"compression process exited {code}: {_last_error(log_path)}")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise CompressionFailed(f"compression failed: {reply['error']}")
+        return reply["stats"]
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache, compressor: Compressor,
              llmcompressor_version: str, log_path: Path, timeout_s: float = 3600) -> CompressResult:
     started = time.perf_counter()
     model_config = json.loads((base_model / "config.json").read_text())
@@ -72,21 +110,13 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
         recipe_path = work / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         spec = {"base_model": str(base_model), "out_dir": str(out_dir), "recipe_path": str(recipe_path),
+                "log_path": str(log_path),
                 "pipeline": pipeline_for(recipe, model_config), "needs_calibration": needs_calibration(recipe),
                 "calibration": flatten(config.calibration)}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         t0 = time.perf_counter()
-        with open(log_path, "w") as log:
-            try:
-                proc = subprocess.run([python, "-m", "search.compress.worker", str(spec_path)],
-                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                      cwd=Path(__file__).resolve().parents[2])
-            except subprocess.TimeoutExpired:
-                raise CompressionFailed(f"compression exceeded its {timeout_s:.0f} s budget") from None
-        if proc.returncode != 0:
-            raise CompressionFailed(f"compression exited {proc.returncode}: {_last_error(log_path)}")
-        stats = json.loads((out_dir / "compress_stats.json").read_text())
+        stats = compressor.run(spec_path, log_path, timeout_s)
         return {**stats, "compress_seconds": time.perf_counter() - t0}
 
     checkpoint, hit, meta = cache.get_or_create(key, create)
