@@ -35,15 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "(default: $SEARCH_HOME or ./.search)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m search",
-        description="Search compression and vLLM serving settings of a multimodal LLM for the least "
-                    "energy at >= 80%% quality recovery.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="create or resume a study and run trials",
-                         description="Create or resume a study and run trials until it holds --trials finished ones.")
+def _run_options(run: argparse.ArgumentParser) -> None:
     _common(run)
     run.add_argument("--trials", type=int, default=50, help="finished trials the study should hold (default: 50)")
     run.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
@@ -72,7 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow checkpoints to run their own code (off by default)")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m search",
+        description="Search compression and vLLM serving settings of a multimodal LLM for the least "
+                    "energy at >= 80% quality recovery.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="create or resume a study and run trials",
+                         description="Create or resume a study and run trials until it holds --trials finished ones.")
+    _run_options(run)
+    worker = sub.add_parser(
+        "worker", help="one of many workers on a shared study (same options as run)",
+        description="Join a study shared through --storage (PostgreSQL for many hosts) and run its trials; "
+                    "bind each worker to its GPUs with CUDA_VISIBLE_DEVICES.")
+    _run_options(worker)
+
     status = sub.add_parser("status", help="trial counts by state and the best feasible trial")
+
     _common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -83,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="the Pareto front as CSV/JSON with deployable configs")
     _common(export)
     export.add_argument("--out", type=Path, required=True, help="output folder")
+
+    comp = sub.add_parser("compress", help="compress one configuration (e.g. an exported Pareto point)")
+    comp.add_argument("--model", default=TOY, help="'toy', a local checkpoint folder, or a Hub id")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="compress.* options")
+    comp.add_argument("--out", type=Path, required=True, help="where the checkpoint is copied")
+    comp.add_argument("--home", type=Path, default=DEFAULT_HOME, help="cache location (default: ./.search)")
+    comp.add_argument("--compress-python", default=os.environ.get("SEARCH_COMPRESS_PYTHON") or _venv_python("main"))
+    comp.add_argument("--serve-python", default=os.environ.get("SEARCH_SERVE_PYTHON") or _venv_python("serve"))
 
     toy = sub.add_parser("make-toy", help="write the embedded toy Gemma 4 checkpoint")
     toy.add_argument("out", type=Path)
@@ -253,6 +271,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    import shutil
+    from search import config as cfg
+    from search.compress import CheckpointCache, Compressor, compress
+    from search.feasibility import probe
+
+    config = cfg.build(_overrides(args.set)).compress
+    model = resolve_model(args.model, args.home, args.serve_python)
+    compressor = Compressor(args.compress_python)
+    try:
+        result = compress(config, model, CheckpointCache(args.home.resolve() / "cache"), compressor,
+                          probe(args.serve_python, args.compress_python).llmcompressor_version,
+                          args.home / "compress.log")
+    finally:
+        compressor.close()
+    shutil.copytree(result.checkpoint, args.out, dirs_exist_ok=True)
+    print(f"{args.out} ({'cache hit' if result.cache_hit else 'compressed'}, {result.size_bytes} bytes)")
+    return 0
+
+
 def cmd_make_toy(args) -> int:
     from search.toy_model import build
     print(build(args.out, seed=args.seed))
@@ -261,8 +299,8 @@ def cmd_make_toy(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
-                "make-toy": cmd_make_toy}
+    handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
+                "compress": cmd_compress, "make-toy": cmd_make_toy}
     from search.config import ConfigError
     try:
         return handlers[args.command](args)

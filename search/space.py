@@ -71,15 +71,21 @@ class Space:
     reference: dict[str, Any]
 
     def sample(self, trial: optuna.Trial, preset: dict[str, Any] | None = None) -> cfg.TrialConfig:
-        """Suggest every active parameter (in file order, so conditions see their parents)."""
+        """Suggest every active parameter (in file order, so conditions see their parents).
+
+        A preset (a seed configuration) is run as exactly as this space allows: its values inside the
+        space were enqueued and come back from Optuna, values outside it are used as they are, and
+        only the space's `fixed` settings override it (they pin what the hardware needs)."""
+        preset = preset or {}
+        inside = self.enqueue_params(preset)
         values = dict(self.fixed)
         for param in self.params:
-            if param.active(values):
+            if param.name in preset and param.name not in inside:
+                values[param.name] = preset[param.name]
+            elif param.active(values):
                 values[param.name] = param.suggest(trial)
-        # A preset's settings outside the space (e.g. a seed's exact recipe) apply; fixed ones win.
-        for key, value in (preset or {}).items():
-            if key not in values:
-                values[key] = value
+        for key, value in preset.items():
+            values.setdefault(key, value)
         trial_config = cfg.build(values)
         self.check(trial_config)
         return trial_config
@@ -99,9 +105,7 @@ class Space:
         """The part of a preset that lies inside this space's distributions (what Optuna can enqueue)."""
         out = {}
         for param in self.params:
-            if param.name in preset and param.distribution()._contains(
-                _internal(param.distribution(), preset[param.name])
-            ):
+            if param.name in preset and _contains(param.distribution(), preset[param.name]):
                 out[param.name] = preset[param.name]
         return out
 
@@ -110,11 +114,11 @@ class Infeasible(Exception):
     """A configuration that cannot run here; recorded with its reason, never compressed or served."""
 
 
-def _internal(dist: optuna.distributions.BaseDistribution, value: Any) -> Any:
+def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
     try:
-        return dist.to_internal_repr(value)
-    except ValueError:
-        return float("nan")
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
 
 
 def load(path: str | Path) -> Space:

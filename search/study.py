@@ -64,11 +64,13 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    out = {"complete": 0, "feasible": 0, "infeasible": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+    """Trials by state. `feasible` is the part of `complete` that passed the recovery gate;
+    `infeasible` are configurations rejected before any work (they cannot run here)."""
+    out = {"complete": 0, "feasible": 0, "pruned": 0, "infeasible": 0, "failed": 0, "running": 0, "waiting": 0}
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.COMPLETE:
             out["complete"] += 1
-            out["feasible" if t.user_attrs.get("feasible") else "infeasible"] += 1
+            out["feasible"] += bool(t.user_attrs.get("feasible"))
         elif t.state == TrialState.PRUNED:
             out["infeasible" if t.user_attrs.get("infeasible") else "pruned"] += 1
         elif t.state == TrialState.FAIL:
@@ -142,13 +144,15 @@ class Objective:
         trial.set_user_attr("workdir", str(workdir))
         preset = self.presets.get(trial.user_attrs.get("preset", ""), {})
         self.progress.trial_started(trial.number, trial.user_attrs.get("preset"))
-        record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": {}, "tags": {}, "artifacts": []}
+        times: dict[str, float] = {}
+        record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": times, "tags": {},
+                                  "artifacts": []}
         started = time.perf_counter()
         try:
             config = self.space.sample(trial, preset)
             record["params"] = config.flat()
             trial.set_user_attr("config", record["params"])
-            outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage)
+            outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage, times)
         except space_mod.Infeasible as exc:
             return self._end(trial, record, "PRUNED", f"infeasible: {exc}", started, infeasible=True)
         except trial_mod.TrialPruned as exc:
@@ -180,6 +184,7 @@ class Objective:
              infeasible: bool = False, raise_: bool = True, workdir: Path | None = None):
         trial.set_user_attr("reason", reason[:1000])
         trial.set_user_attr("infeasible", infeasible)
+        trial.set_user_attr("stage_times", dict(record["metrics"]))
         record["tags"].update({"state": "INFEASIBLE" if infeasible else state, "failure_reason": reason[:4000],
                                "feasible": "false", "search.study": self.study.study_name})
         record["metrics"]["trial_s"] = time.perf_counter() - started

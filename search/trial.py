@@ -155,10 +155,12 @@ def _recovery(per_task_items: dict[str, tuple[list[float], list[float]]], seed: 
     return {task: estimate_recovery(t, b, task=task, seed=seed) for task, (t, b) in per_task_items.items()}
 
 
-def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, stage: Stage) -> Outcome:
-    """Run one trial; raises Infeasible, CompressionFailed, ServerFailed, TrialPruned or RuntimeError."""
+def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, stage: Stage,
+        times: dict[str, float]) -> Outcome:
+    """Run one trial; raises Infeasible, CompressionFailed, ServerFailed, TrialPruned or RuntimeError.
+
+    `times` receives each finished stage's seconds as it ends, so a trial that fails keeps them too."""
     workdir.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
     artifacts: list[Path] = []
     tags: dict[str, str] = {}
 

@@ -19,6 +19,13 @@ from typing import Callable, Iterator
 _META = "cache_entry.json"
 
 
+def _touch(path: Path) -> None:
+    """The LRU clock: the metadata file's mtime, set from the fine-grained clock (the file system's
+    own stamps are coarse enough for two uses in a row to tie)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
 class CheckpointCache:
     def __init__(self, root: str | Path, cap_bytes: int | None = None):
         self.root = Path(root)
@@ -43,7 +50,7 @@ class CheckpointCache:
         entry = self.path(key)
         with self._lock(key):
             if (entry / _META).exists():
-                os.utime(entry / _META)  # the LRU clock
+                _touch(entry / _META)
                 return entry, True, json.loads((entry / _META).read_text())
             tmp = self.root / "tmp" / f"{key}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +58,7 @@ class CheckpointCache:
                 meta = create(tmp)
                 meta = {**meta, "key": key, "created": time.time()}
                 (tmp / _META).write_text(json.dumps(meta, indent=2))
+                _touch(tmp / _META)
                 os.replace(tmp, entry)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

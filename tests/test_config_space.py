@@ -1,0 +1,137 @@
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search import config as cfg
+from search import space as space_mod
+from search.config import ConfigError
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_build_rejects_unknown_option_and_value():
+    with pytest.raises(ConfigError, match="unknown option 'compress.shceme'"):
+        cfg.build({"compress.shceme": "w4a16"})
+    with pytest.raises(ConfigError, match="unknown value 'w3a16'"):
+        cfg.build({"compress.scheme": "w3a16"})
+    with pytest.raises(ConfigError, match="expected an integer"):
+        cfg.build({"serve.max_num_seqs": 2.5})
+
+
+def test_flat_round_trip():
+    config = cfg.build({"compress.scheme": "w4a16", "compress.prune.method": "sparsegpt",
+                        "compress.prune.base": 0.1, "serve.kv_cache_dtype": "fp8"})
+    assert cfg.build(config.flat()) == config
+    assert config.flat()["compress.prune.base"] == 0.1
+
+
+def test_prune_profiles_expand_per_layer():
+    prune = cfg.PruneConfig(method="sparsegpt", base=0.2, shape="ramp_up", protect_first=1, protect_last=1)
+    ratios = prune.layer_ratios(6)
+    assert ratios[0] == 0.0 and ratios[-1] == 0.0
+    assert ratios[1] < ratios[2] < ratios[3] < ratios[4]
+    assert cfg.PruneConfig(method="sparsegpt", base=0.1).layer_ratios(4) == [0.1] * 4
+    with pytest.raises(ConfigError, match="has 3 values"):
+        cfg.PruneConfig(method="sparsegpt", ratios=(0.1, 0.2, 0.3)).layer_ratios(4)
+
+
+def test_default_space_loads_and_samples():
+    space = space_mod.load(PROJECT / "spaces" / "default.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        try:
+            config = space.sample(trial)
+        except space_mod.Infeasible:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        assert config.serve.max_num_seqs * config.serve.max_model_len <= 16384
+        # Conditional parameters appear only when their condition holds.
+        assert ("compress.method" in trial.params) == (config.compress.scheme == "w4a16")
+        study.tell(trial, 1.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params: [", "not valid YAML"),
+    ("paramz: {}", "unknown section"),
+    ("params:\n  compress.schem: {choices: [none]}", "unknown option"),
+    ("params:\n  compress.scheme: {choices: [none, w3a16]}", "unknown value 'w3a16'"),
+    ("params:\n  serve.max_num_seqs: {low: 64, high: 8}", "inverted range"),
+    ("params:\n  serve.max_num_seqs: {low: 8, high: 64, stride: 2}", "unknown key"),
+    ("params:\n  compress.method: {choices: [gptq], when: {compress.foo: [w4a16]}}", "neither a param nor fixed"),
+    ("constraints:\n  - expr: 'serve.max_num_seq * 2 < 4'", "unknown option 'serve.max_num_seq'"),
+    ("fixed:\n  serve.gpu_memory_utilization: 2.0", "gpu_memory_utilization"),
+])
+def test_bad_space_files_fail_with_one_line(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        space_mod.load(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_constraint_rejects_before_work(tmp_path):
+    space = space_mod.load(write(tmp_path, """
+fixed: {serve.max_model_len: 4096}
+params:
+  serve.max_num_seqs: {choices: [64]}
+constraints:
+  - {expr: "serve.max_num_seqs * serve.max_model_len <= 16384", why: KV budget}
+"""))
+    trial = optuna.create_study().ask()
+    with pytest.raises(space_mod.Infeasible, match="KV budget"):
+        space.sample(trial)
+
+
+def test_presets_are_valid_configs():
+    presets = space_mod.load_presets(PROJECT / "spaces" / "presets" / "seeds.yaml")
+    assert len(presets) == 6
+    for values in presets.values():
+        cfg.build(values)
+    space = space_mod.load(PROJECT / "spaces" / "default.yaml")
+    seed_003 = presets["seed_003_observer_w4a16"]
+    assert space.enqueue_params(seed_003) == {"compress.scheme": "w4a16", "compress.method": "rtn",
+                                              "compress.group_size": 128, "compress.targets": "attn_mlp"}
+    # Seed 002's FP8 scheme and max_model_len 4096 lie outside the CPU space: not enqueued, yet the
+    # trial runs them as the seed had them; the space's fixed settings still win.
+    seed_002 = presets["seed_002_fp8_weights_fp8kv"]
+    assert "compress.scheme" not in space.enqueue_params(seed_002)
+    study = optuna.create_study()
+    study.enqueue_trial(space.enqueue_params(seed_002))
+    # Its serving profile (32 sequences x 4096 tokens) exceeds the CPU space's KV budget ...
+    with pytest.raises(space_mod.Infeasible, match="KV cache budget"):
+        space.sample(study.ask(), seed_002)
+    # ... and without that constraint it runs with the seed's own values.
+    unconstrained = space_mod.Space(space.path, space.model, space.fixed, space.params, (), space.reference)
+    study.enqueue_trial(space.enqueue_params(seed_002))
+    config = unconstrained.sample(study.ask(), seed_002)
+    assert (config.compress.scheme, config.serve.max_model_len, config.serve.kv_cache_dtype) == ("fp8", 4096, "fp8_e4m3")
+    assert config.serve.gpu_memory_utilization == space.fixed["serve.gpu_memory_utilization"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--trials", "x"], "invalid int value"),
+    (["run", "--bogus"], "unrecognized arguments"),
+    (["run", "--space", "/nonexistent.yaml"], "space file not found"),
+    (["run", "--model", "/nonexistent/model"], "model path does not exist"),
+    (["run", "--set", "compress.scheme=w3a16"], "unknown value 'w3a16'"),
+    (["run", "--storage", "postgresql://u:secret@127.0.0.1:9/db"], "cannot reach storage"),
+])
+def test_cli_bad_input_fails_fast_with_one_line(argv, message, tmp_path):
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "search", *argv, "--home", str(tmp_path)],
+                          capture_output=True, text=True, cwd=PROJECT)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert message in lines[-1]
+    assert "secret" not in proc.stderr
+    assert elapsed < 10  # process start + imports; the check itself is what must not do heavy work
