@@ -249,7 +249,8 @@ def cmd_status(args) -> int:
         print("no feasible trial yet")
     else:
         print(f"best feasible: trial {best['trial']}  {best['objective']:.6g} J/request "
-              f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}")
+              f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}  "
+              f"{best['floor_ratio']:.3g}x the hardware floor")
         for key, value in sorted((best["config"] or {}).items()):
             print(f"  {key} = {value}")
     return 0

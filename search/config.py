@@ -152,12 +152,16 @@ class WorkloadConfig:
     quality: Quality = "fidelity"
     # Share of the requests after which recovery is checked and a hopeless trial is pruned.
     early_check_fraction: float = 0.5
+    # Measure the workload this many times in all (the extra windows give the energy's spread).
+    energy_repeats: int = 1
 
     def validate(self) -> None:
         if self.n_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
             raise ConfigError("workload.n_requests, concurrency and max_tokens must be >= 1")
         if not 0.0 < self.early_check_fraction <= 1.0:
             raise ConfigError("workload.early_check_fraction must be in (0, 1]")
+        if self.energy_repeats < 1:
+            raise ConfigError("workload.energy_repeats must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,21 @@ def figures(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
         plt.close(fig)
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ratios = [(t.number, t.user_attrs["metrics"]["floor_ratio"], bool(t.user_attrs.get("feasible")))
+              for t in complete if "floor_ratio" in t.user_attrs.get("metrics", {})]
+    if ratios:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.scatter([r[0] for r in ratios], [r[1] for r in ratios],
+                   c=["#1f77b4" if r[2] else "#bbbbbb" for r in ratios], s=20)
+        ax.set_yscale("log")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("measured energy / hardware floor")
+        estimated = any(t.user_attrs.get("energy_source") == "estimate" for t in complete)
+        ax.set_title("distance to the physical floor" + (" (against estimated energy)" if estimated else ""))
+        fig.tight_layout()
+        made["floor"] = out_dir / "floor_ratio.png"
+        fig.savefig(made["floor"], dpi=110)
+        plt.close(fig)
     if len(complete) >= 4 and len(study.directions) == 1:
         try:
             importances = optuna.importance.get_param_importances(study)

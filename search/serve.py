@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Server:
     port: int
     process: subprocess.Popen
     started_s: float  # seconds from launch to healthy
+    _pids_at_start: list[int] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -120,6 +121,34 @@ class Server:
         deadline = time.monotonic() + 15
         while port_in_use(self.port) and time.monotonic() < deadline:
             time.sleep(0.2)
+        wait_gpu_released(self._pids_at_start)
+
+
+def gpu_processes() -> set[int] | None:
+    """PIDs holding memory on any GPU NVML sees, or None without NVML (a CPU machine)."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    pids = set()
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        pids.update(p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    return pids
+
+
+def wait_gpu_released(server_pids: list[int], timeout_s: float = 60) -> None:
+    """The next trial must not start on a GPU whose memory a dead server still holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        holding = gpu_processes()
+        if holding is None or not holding & set(server_pids):
+            return
+        if time.monotonic() > deadline:
+            raise ServerFailed(f"GPU memory not released {timeout_s:.0f} s after stopping the server "
+                               f"(processes {sorted(holding & set(server_pids))})")
+        time.sleep(0.5)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -161,6 +190,7 @@ def start(python: str, model: Path, config: dict[str, Any], workdir: Path, timeo
         try:
             if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
                 server.started_s = time.monotonic() - launched
+                server._pids_at_start = server.pids()
                 return server
         except httpx.HTTPError:
             pass

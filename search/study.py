@@ -236,6 +236,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
         "best_feasible": None if best is None else {
             "trial": best.number, "objective": best.values[0], "objective_name": OBJECTIVE,
             "recovery_mean": best.user_attrs.get("metrics", {}).get("recovery_mean"),
+            "floor_ratio": best.user_attrs.get("metrics", {}).get("floor_ratio"),
             "energy_source": best.user_attrs.get("energy_source"), "config": best.user_attrs.get("config")},
     }
 

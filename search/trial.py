@@ -19,7 +19,7 @@ import yaml
 from objectives import fidelity
 from objectives.recovery import Gate, RecoveryEstimate, estimate_recovery
 from objectives.scorers import get_scorer
-from search import energy, feasibility, workload
+from search import energy, feasibility, floor, workload
 from search.compress import CheckpointCache, Compressor, compress
 from search.config import TrialConfig, WorkloadConfig, flatten
 from search.feasibility import Platform
@@ -98,6 +98,11 @@ def load_or_make_baseline(runtime: Runtime, key: str, stage: Stage) -> dict[str,
         items.append({"id": prompt.id, "task": prompt.task, "answer": result.answer,
                       "positions": positions, "completion_tokens": result.completion_tokens,
                       "label_score": get_scorer(prompt.scorer)(result.answer, list(prompt.answers))})
+    if ref.workload.quality == "labels":
+        for task in {i["task"] for i in items}:
+            if not any(i["label_score"] for i in items if i["task"] == task):
+                raise ValueError(f"the baseline scores 0 on task {task}: recovery against it is undefined "
+                                 "(a random-weight model? use workload.quality: fidelity)")
     baseline = {"key": key, "reference": flatten(ref), "items": items}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(baseline))
@@ -227,12 +232,25 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
             fidelity_rows += _fidelity(server, base_part, prompts_by_id, runtime.reference.workload)
         done()
         if index == 0 and len(parts[1][0]) + len(parts[1][1]) > 0:
-            _check_reachable(runtime.gate, config, baseline, results, fidelity_rows, prompts_by_id,
-                             [p.id for p in prompts])
+            try:
+                _check_reachable(runtime.gate, config, baseline, results, fidelity_rows, prompts_by_id,
+                                 [p.id for p in prompts])
+            except TrialPruned:
+                # What the skipped part would have cost, at the first part's pace.
+                first_part_s = times["time_workload_1_s"] + times["time_quality_1_s"]
+                times["pruning_saved_s"] = first_part_s * (len(prompts) - split) / split
+                raise
 
     errors = [r for r in results if r.error]
     if len(errors) == len(results):
         raise RuntimeError(f"every request failed: {errors[0].error}")
+    repeat_j_per_request = [sum(r.joules_gross for r in readings) / len(results)]
+    for repeat in range(1, config.workload.energy_repeats):
+        done = timed(f"repeat_{repeat}")
+        meter.start()
+        workload.run(server.base_url, server.served_name, prompts, config.workload)
+        repeat_j_per_request.append(meter.stop().joules_gross / len(prompts))
+        done()
 
     per_task = _recovery(_item_scores(config, baseline, results, fidelity_rows, prompts_by_id),
                          config.workload.seed)
@@ -250,6 +268,12 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         metrics["topk_kl"] = sum(r[2] for r in fidelity_rows) / len(fidelity_rows)
     metrics["answer_agreement"] = fidelity.answer_agreement(
         [i["answer"] for i in base_items], _answers_for(base_items, results))
+    if len(repeat_j_per_request) > 1:
+        spread = energy.spread(repeat_j_per_request)
+        metrics.update({f"energy_j_per_request_{k}": v for k, v in spread.items()})
+    floor_metrics, floor_tags = _floor(result.checkpoint, config, stats, prompts, reading)
+    metrics.update(floor_metrics)
+    tags.update(floor_tags)
     metrics["compress_saved_s"] = result.saved_seconds
     metrics["checkpoint_bytes"] = result.size_bytes
     metrics["server_start_s"] = 0.0 if reused else server.started_s
@@ -265,6 +289,34 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
     artifacts += [answers_path, trace_csv, trace_png]
     return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], outcome_gate.passed,
                    metrics, tags, artifacts, per_task)
+
+
+# Whose data sheet the floors use when the trial ran on no GPU we know (a CPU machine).
+REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # NVML's name of the H100 SXM
+
+
+def _floor(checkpoint: Path, config: TrialConfig, stats: dict, prompts: list[Prompt],
+           reading: energy.EnergyReading) -> tuple[dict[str, float], dict[str, str]]:
+    """The hardware's least energy for this trial's work, and how far the measured energy is from it."""
+    model_config = json.loads((checkpoint / "config.json").read_text())
+    quant = model_config.get("quantization_config")
+    n = max(1, len(prompts))
+    work = floor.workload_flops(
+        model_config, round(stats["prompt_tokens"] / n), max(1, round(stats["completion_tokens"] / n)),
+        images=round(sum(p.image_png is not None for p in prompts) / n), requests=n,
+        soft_tokens_per_image=config.serve.image_soft_tokens, quant=quant,
+        batch=min(config.workload.concurrency, config.serve.max_num_seqs),
+        kv_dtype="auto" if config.serve.kv_cache_dtype == "auto" else "fp8")
+    gpu = floor.gpu_spec(reading.gpus[0]) if reading.gpus else None
+    basis = "data sheet"
+    if gpu is None:
+        gpu, basis = floor.gpu_spec(REFERENCE_GPU), "data sheet (no known GPU measured here)"
+    floors = floor.floors(work, gpu, floor.compute_format(quant))
+    metrics = {"floor_compute_j": floors["compute_j"], "floor_memory_j": floors["memory_j"],
+               "floor_j": floors["floor_j"], "workload_flops": work["flops"], "workload_decode_bytes": work["bytes"],
+               "floor_ratio": floor.floor_ratio(reading.joules_gross, floors["floor_j"])}
+    against = "an estimate" if reading.source == "estimate" else "a measurement"
+    return metrics, {"floor_basis": f"{gpu.name} {basis}, {floors['fmt']} peak", "floor_ratio_against": against}
 
 
 def _answers_for(base_items: list[dict], results: list[RequestResult]) -> list[str | None]:
