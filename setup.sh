@@ -39,4 +39,9 @@ if [ "$(cat .venvs/serve/.ready 2>/dev/null)" != "$serve_kind-$serve_stamp" ]; t
   fi
   echo "$serve_kind-$serve_stamp" > .venvs/serve/.ready
 fi
+# PostgreSQL for multi-worker studies (the tests start their own cluster on loopback).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing PostgreSQL" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 echo "setup: environments ready (.venvs/main, .venvs/serve: $serve_kind)" >&2

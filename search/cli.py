@@ -61,6 +61,9 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--cache-cap-gb", type=float, default=None, help="size cap of the checkpoint cache (LRU)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="pin an option for every trial, e.g. --set workload.n_requests=16 (YAML value)")
+    run.add_argument("--heartbeat", type=int, default=30,
+                     help="seconds between a running trial's heartbeats; after 3 missed ones another worker "
+                          "fails the trial and runs it again (default: 30)")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow checkpoints to run their own code (off by default)")
 
@@ -203,7 +206,7 @@ def cmd_run(args) -> int:
     compressor = Compressor(args.compress_python)
     runtime = trial_mod.Runtime(workdir, model, cache, pool, compressor, platform, gate,
                                 space.reference_config(), home / "data")
-    study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed)
+    study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
     study.set_user_attr("model", str(args.model or space.model))
     study.set_user_attr("gate_threshold", args.gate)
     tracker = Tracker(args.mlflow_uri or f"sqlite:///{home / 'mlflow.db'}", args.study, home / "mlartifacts",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +46,19 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise cfg.ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
-def storage(url: str) -> RDBStorage:
-    return RDBStorage(url, heartbeat_interval=30, grace_period=90,
+def storage(url: str, heartbeat_s: int = 30) -> RDBStorage:
+    """A worker whose trial has sent no heartbeat for 3 intervals is taken as dead; its trial is
+    failed by the next worker that starts a trial, and run again once."""
+    return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                       engine_kwargs={"pool_pre_ping": True})
 
 
-def open_study(name: str, storage_url: str, sampler: str = "tpe", seed: int | None = 0) -> optuna.Study:
+def open_study(name: str, storage_url: str, sampler: str = "tpe", seed: int | None = 0,
+               heartbeat_s: int = 30) -> optuna.Study:
     directions = ["minimize", "maximize"] if sampler in MULTI_OBJECTIVE else ["minimize"]
-    return optuna.create_study(study_name=name, storage=storage(storage_url), sampler=make_sampler(sampler, seed),
+    return optuna.create_study(study_name=name, storage=storage(storage_url, heartbeat_s),
+                               sampler=make_sampler(sampler, seed),
                                directions=directions, load_if_exists=True)
 
 
@@ -89,7 +95,11 @@ def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    """Trials that count towards --trials: complete, pruned, and failed ones that are not retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried))
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         workdir = self.runtime.workdir / f"trial-{trial.number:04d}"
         trial.set_user_attr("workdir", str(workdir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         preset = self.presets.get(trial.user_attrs.get("preset", ""), {})
         self.progress.trial_started(trial.number, trial.user_attrs.get("preset"))
         times: dict[str, float] = {}
@@ -214,10 +225,14 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
     retry_interrupted(study)
     objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
                           len(study.directions) > 1)
-    remaining = options.trials - finished(study)
     progress.study_started(study, options.trials)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=options.timeout_s, catch=(TrialFailed,))
+
+    def enough(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        if finished(study) >= options.trials:  # counted across every worker of the study
+            study.stop()
+
+    if finished(study) < options.trials:
+        study.optimize(objective, timeout=options.timeout_s, catch=(TrialFailed,), callbacks=[enough])
     tracker.flush()
     return counts(study)
 

@@ -8,7 +8,9 @@ go on and no run is lost.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,14 @@ def _safe(key: str, value: Any) -> str:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path, spool_dir: Path):
+    def __init__(self, tracking_uri: str, study_name: str, artifact_root: Path, spool_root: Path):
         self.tracking_uri = tracking_uri
         self.study_name = study_name
         self.artifact_root = artifact_root
-        self.spool_dir = spool_dir
-        spool_dir.mkdir(parents=True, exist_ok=True)
+        # One spool per worker process, so workers sharing a study folder never send a record twice.
+        self.spool_root = spool_root
+        self.spool_dir = spool_root / f"{socket.gethostname()}-{os.getpid()}"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri)
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
@@ -77,8 +81,19 @@ class Tracker:
         spool.write_text(json.dumps(record, default=str))
         self.flush()
 
+    def _adopt_orphans(self) -> None:
+        """Records left by a worker of this host that died before sending them become ours."""
+        host = socket.gethostname()
+        for folder in self.spool_root.glob(f"{host}-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if folder != self.spool_dir and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                for record in folder.glob("trial-*.json"):
+                    record.replace(self.spool_dir / record.name)
+                folder.rmdir()
+
     def flush(self) -> int:
         """Send every spooled trial record; returns how many are still waiting."""
+        self._adopt_orphans()
         pending = sorted(self.spool_dir.glob("trial-*.json"))
         for path in pending:
             try:

@@ -7,6 +7,7 @@ later, so a failed trial keeps what it made.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
@@ -77,9 +78,16 @@ def baseline_key(runtime: Runtime, model_fingerprint: str) -> str:
 
 
 def load_or_make_baseline(runtime: Runtime, key: str, stage: Stage) -> dict[str, Any]:
+    """Workers sharing a study folder make the baseline once: the first takes the lock, the rest wait."""
     path = runtime.workdir / f"baseline-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return json.loads(path.read_text())
+        return _make_baseline(runtime, key, path, stage)
+
+
+def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage) -> dict[str, Any]:
     ref = runtime.reference
     stage("baseline: serve")
     server = _serve(runtime, runtime.base_model, ref, runtime.workdir / f"baseline-{key}")
