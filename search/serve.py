@@ -203,9 +203,11 @@ def failure_reason(log_path: Path) -> str:
     """The root cause vLLM logged: its first error line that names an exception type."""
     lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
     markers = ("Error:", "Exception:", "error:")
-    for line in lines:
+    for index, line in enumerate(lines):
         text = line.split("] ", 1)[-1].strip()
         if any(m in text for m in markers) and "ulimit" not in text and "Traceback" not in text:
+            if "validation error" in text and index + 1 < len(lines):
+                text += " " + lines[index + 1].strip()  # pydantic puts the reason on the next line
             return text[:400]
     return lines[-1].strip()[:400] if lines else "no log output"
 

@@ -20,6 +20,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 _PARENT_TAG = "search.study_parent"
+# A tracking server that is away must cost a trial seconds, not MLflow's default minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def redact(value: str) -> str:
@@ -76,7 +79,7 @@ class Tracker:
                               tags=[RunTag(k, _safe(k, v)) for k, v in tags.items()])
 
     def log_trial(self, record: dict[str, Any]) -> None:
-        """record: number, status, params, metrics, tags, artifacts (paths). Spooled if MLflow is down."""
+        """record: number, params, metrics, tags (with `state`), artifacts (paths). Spooled if MLflow is down."""
         spool = self.spool_dir / f"trial-{record['number']:05d}-{int(time.time() * 1000)}.json"
         spool.write_text(json.dumps(record, default=str))
         self.flush()
@@ -123,7 +126,8 @@ class Tracker:
         for artifact in record["artifacts"]:
             if Path(artifact).exists():
                 self.client.log_artifact(run_id, artifact)
-        self.client.set_terminated(run_id, "FINISHED" if record["status"] in ("COMPLETE", "PRUNED") else "FAILED")
+        state = record["tags"].get("state")
+        self.client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED", "INFEASIBLE") else "FAILED")
 
     def log_figures(self, figures: dict[str, Path]) -> None:
         parent = self.parent_run_id()

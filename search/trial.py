@@ -7,6 +7,7 @@ later, so a failed trial keeps what it made.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -173,6 +174,12 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
     """Run one trial; raises Infeasible, CompressionFailed, ServerFailed, TrialPruned or RuntimeError.
 
     `times` receives each finished stage's seconds as it ends, so a trial that fails keeps them too."""
+    with contextlib.ExitStack() as cleanup:
+        return _run(runtime, config, workdir, baseline, stage, times, cleanup)
+
+
+def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, stage: Stage,
+         times: dict[str, float], cleanup: contextlib.ExitStack) -> Outcome:
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts: list[Path] = []
     tags: dict[str, str] = {}
@@ -212,6 +219,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
     done = timed("warmup")
     workload.warm_up(server.base_url, server.served_name, prompts, config.workload)
     meter = energy.make_meter(None, server.pids)
+    cleanup.callback(meter.close)
     if not isinstance(meter, energy.EstimateMeter):
         meter.measure_idle(runtime.idle_seconds)
     done()
