@@ -61,6 +61,9 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--cache-cap-gb", type=float, default=None, help="size cap of the checkpoint cache (LRU)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="pin an option for every trial, e.g. --set workload.n_requests=16 (YAML value)")
+    run.add_argument("--trial-timeout", type=float, default=None,
+                     help="seconds a trial may take; past it its compression or server is killed and the "
+                          "trial recorded as failed (default: no limit)")
     run.add_argument("--heartbeat", type=int, default=30,
                      help="seconds between a running trial's heartbeats; after 3 missed ones another worker "
                           "fails the trial and runs it again (default: 30)")
@@ -199,11 +202,9 @@ def cmd_run(args) -> int:
     workdir = study_mod.study_dir(home, args.study)
     cache = CheckpointCache(home / "cache", int(args.cache_cap_gb * 2**30) if args.cache_cap_gb else None)
     serve_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}  # field notes: the FlashInfer sampler hangs at first use
-    if not args.trust_remote_code:
-        serve_env["HF_HUB_TRUST_REMOTE_CODE"] = "0"
-    pool = ServerPool(args.serve_python, env=serve_env)
+    pool = ServerPool(args.serve_python, env=serve_env, trust_remote_code=args.trust_remote_code)
     gate = Gate(threshold=args.gate, use=args.gate_use, per_task_min=args.per_task_min)
-    compressor = Compressor(args.compress_python)
+    compressor = Compressor(args.compress_python, trust_remote_code=args.trust_remote_code)
     runtime = trial_mod.Runtime(workdir, model, cache, pool, compressor, platform, gate,
                                 space.reference_config(), home / "data")
     study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
@@ -223,7 +224,7 @@ def cmd_run(args) -> int:
              "gate": args.gate, "gate_use": args.gate_use, "storage": storage_url},
             {"device": platform.device, "gpu": platform.gpu_name or "none", "vllm": platform.vllm_version,
              "llmcompressor": platform.llmcompressor_version, "mlflow": mlflow_version()})
-        options = study_mod.RunOptions(args.trials, args.timeout, args.warm_start, presets)
+        options = study_mod.RunOptions(args.trials, args.timeout, args.warm_start, presets, args.trial_timeout)
         counts = study_mod.run(study, space, runtime, baseline, tracker, options, progress)
     finally:
         progress.close()

@@ -73,6 +73,9 @@ def check(config: TrialConfig, platform: Platform) -> None:
             raise Infeasible("bitsandbytes NF4 needs a CUDA GPU; vLLM's CPU build cannot load it")
         if scheme == "nvfp4a16":
             raise Infeasible("NVFP4 needs FP4 GPU kernels; vLLM's CPU build has none")
+        if scheme == "fp8":
+            raise Infeasible("static FP8 activations need _C::static_scaled_fp8_quant, which vLLM's CPU build "
+                             "does not implement (FP8_DYNAMIC runs)")
     else:
         cap = platform.capability or (0, 0)
         if scheme in ("fp8", "fp8_dynamic") and cap < (8, 9):

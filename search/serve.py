@@ -215,14 +215,18 @@ def failure_reason(log_path: Path) -> str:
 class ServerPool:
     """Keeps the last server running while consecutive trials need the same one."""
 
-    def __init__(self, python: str, env: dict[str, str] | None = None, ready_timeout_s: float = 600):
+    def __init__(self, python: str, env: dict[str, str] | None = None, ready_timeout_s: float = 600,
+                 trust_remote_code: bool = False):
         self.python = python
         self.env = env
         self.ready_timeout_s = ready_timeout_s
+        # Code shipped inside a checkpoint runs only when the user opted in (--trust-remote-code).
+        self.trust_remote_code = trust_remote_code
         self._current: tuple[tuple, Server] | None = None
 
     def get(self, model: Path, config: dict[str, Any], workdir: Path) -> tuple[Server, bool]:
         """(server, reused)."""
+        config = {**config, "trust-remote-code": self.trust_remote_code}
         key = (str(model), yaml.safe_dump(config, sort_keys=True))
         if self._current and self._current[0] == key and self._current[1].alive():
             return self._current[1], True

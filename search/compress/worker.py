@@ -54,8 +54,9 @@ def run(spec: dict) -> dict:
 
     imported = time.perf_counter()
     base, out = Path(spec["base_model"]), Path(spec["out_dir"])
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    trust = spec.get("trust_remote_code", False)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto", trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     kwargs = {}
     if spec["needs_calibration"]:
         texts = calibration_texts(spec["calibration"], tokenizer)
