@@ -39,6 +39,14 @@ if [ "$(cat .venvs/serve/.ready 2>/dev/null)" != "$serve_kind-$serve_stamp" ]; t
   fi
   echo "$serve_kind-$serve_stamp" > .venvs/serve/.ready
 fi
+# The vLLM plugin that serves structurally pruned Gemma 4 (per-layer FFN widths), CPU and GPU alike.
+# Editable: code changes need no reinstall; a new pyproject (entry points) or serving env does.
+plugin_stamp="$serve_kind-$serve_stamp-$(stamp plugins/gemma4_pruned/pyproject.toml)"
+if [ "$(cat .venvs/serve/.plugin-ready 2>/dev/null)" != "$plugin_stamp" ]; then
+  echo "setup: installing plugins/gemma4_pruned into .venvs/serve" >&2
+  .venvs/serve/bin/python -m pip install -q --no-deps -e plugins/gemma4_pruned
+  echo "$plugin_stamp" > .venvs/serve/.plugin-ready
+fi
 # PostgreSQL for multi-worker studies (the tests start their own cluster on loopback).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "setup: installing PostgreSQL" >&2

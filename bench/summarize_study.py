@@ -20,6 +20,21 @@ from search import study as study_mod  # noqa: E402
 STAGES = ("compress", "serve", "warmup", "workload_1", "quality_1", "workload_2", "quality_2")
 
 
+def stage_seconds(trials) -> tuple[dict[str, float], float]:
+    """Seconds of each stage summed over trials, and the whole duration of trials without stage times
+    (counted as work, which understates the orchestration share)."""
+    per_stage = {s: 0.0 for s in STAGES}
+    unaccounted = 0.0
+    for t in trials:
+        metrics = t.user_attrs.get("metrics") or t.user_attrs.get("stage_times")
+        if metrics is None:
+            unaccounted += t.duration.total_seconds() if t.duration else 0.0
+            continue
+        for s in STAGES:
+            per_stage[s] += metrics.get(f"time_{s}_s", 0.0)
+    return per_stage, unaccounted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--home", type=Path, required=True)
@@ -28,18 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     study = study_mod.load_study(args.study, f"sqlite:///{(args.home / 'optuna.db').resolve()}")
     trials = study.get_trials(deepcopy=False)
-    per_stage = {s: 0.0 for s in STAGES}
-    durations = []
-    for t in trials:
-        metrics = t.user_attrs.get("metrics") or t.user_attrs.get("stage_times", {})
-        for s in STAGES:
-            per_stage[s] += metrics.get(f"time_{s}_s", 0.0)
-        if t.duration:
-            durations.append(t.duration.total_seconds())
-    # Trials recorded before stage times were kept for every state: their whole duration counts as
-    # work, which understates the orchestration share.
-    unaccounted = sum(t.duration.total_seconds() for t in trials
-                      if t.duration and not ({"metrics", "stage_times"} & set(t.user_attrs)))
+    per_stage, unaccounted = stage_seconds(trials)
+    durations = [t.duration.total_seconds() for t in trials if t.duration]
     baseline = study.user_attrs.get("baseline_s", 0.0)
     work = sum(per_stage.values()) + unaccounted
     overhead = args.wall - baseline - work
@@ -51,6 +56,10 @@ def main() -> None:
         "stage_s_per_trial": {s: round(v / n, 2) for s, v in per_stage.items()},
         "pruned_or_failed_s": round(unaccounted, 1),
         "server_reused": sum(1 for t in trials if t.user_attrs.get("metrics", {}).get("server_start_s", 1) == 0),
+        "pruned_early": sum(1 for t in trials if "pruning_saved_s" in t.user_attrs.get("stage_times", {})),
+        # What the pruned trials' skipped second windows would have cost, at their first window's pace.
+        "pruning_saved_s": round(sum(t.user_attrs.get("stage_times", {}).get("pruning_saved_s", 0.0)
+                                     for t in trials), 1),
         "orchestration_s_per_trial": round(overhead / n, 2),
         "orchestration_share": round(overhead / (args.wall - baseline), 4),
     }

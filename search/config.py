@@ -12,7 +12,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Scheme = Literal["none", "fp8", "fp8_dynamic", "w8a8", "w4a16", "w8a16", "nvfp4a16", "bnb_nf4"]
 QuantMethod = Literal["rtn", "gptq", "awq"]
-PruneMethod = Literal["none", "sparsegpt", "wanda"]
+# sparsegpt/wanda zero weights (unstructured or 2:4); flap removes whole FFN channels per layer.
+PruneMethod = Literal["none", "sparsegpt", "wanda", "flap"]
 PruneShape = Literal["uniform", "ramp_up", "ramp_down", "middle"]
 # Named groups of decoder Linear layers: what a user picks from instead of regexes.
 TargetSet = Literal["attn_mlp", "mlp", "mlp_o", "attn"]
@@ -23,6 +24,10 @@ Quality = Literal["fidelity", "labels"]
 
 class ConfigError(ValueError):
     """A configuration that cannot be run as written: reported before any heavy work starts."""
+
+
+class Infeasible(Exception):
+    """A configuration that cannot run here; recorded with its reason, never compressed or served."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class PruneConfig:
             raise ConfigError(f"compress.prune.ratios must each be in [0, 1), got {list(self.ratios)}")
         if self.protect_first < 0 or self.protect_last < 0:
             raise ConfigError("compress.prune.protect_first/protect_last must be >= 0")
+        if self.structured and self.mask_structure != "0:0":
+            raise ConfigError("compress.prune.method=flap removes whole channels; mask_structure must be 0:0")
 
     def layer_ratios(self, num_layers: int) -> list[float]:
         """One pruning ratio per decoder layer."""
@@ -65,6 +72,11 @@ class PruneConfig:
     @property
     def active(self) -> bool:
         return self.method != "none" and (self.base > 0 or any(self.ratios) or self.mask_structure == "2:4")
+
+    @property
+    def structured(self) -> bool:
+        """Channels are removed (layers get narrower) instead of weights being zeroed."""
+        return self.method == "flap"
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,9 @@ class ServeConfig:
     enforce_eager: bool = True
     # "uni" runs the model in the engine process: one Python start fewer (~17 s on 2 CPU cores).
     distributed_executor_backend: Literal["auto", "uni", "mp"] = "auto"
+    # None lets vLLM choose. vLLM 0.26 picks FlashAttention 4 for Gemma 4's mixed head sizes on
+    # Hopper, which needs the nvidia-cutlass-dsl package; TRITON_ATTN runs without it.
+    attention_backend: Literal["TRITON_ATTN", "FLASH_ATTN", "FLASHINFER", "FLEX_ATTENTION"] | None = None
     dtype: str = "bfloat16"
     seed: int = 0
 
@@ -220,6 +235,8 @@ def coerce(key: str, hint: Any, value: Any) -> Any:
     if value is None and type(None) in get_args(hint):
         return None
     target = args[0] if args else hint
+    if get_origin(target) is Literal:
+        return coerce(key, target, value)
     if target is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

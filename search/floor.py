@@ -11,11 +11,13 @@ with ``text_config``/``vision_config``, or a bare text config) and its compresse
   they attend over the cache of the last earlier layer of the same type;
 - every layer has a per-layer-input gate and projection (``hidden_size_per_layer_input``), fed by
   ``per_layer_model_projection`` and the packed ``embed_tokens_per_layer`` table;
-- ``intermediate_size`` may be a per-layer list; ``use_double_wide_mlp`` doubles KV-shared layers' MLP.
+- ``intermediate_size`` may be a per-layer list; ``use_double_wide_mlp`` doubles KV-shared layers' MLP;
+  a structurally pruned checkpoint's ``intermediate_sizes`` gives every layer's FFN width, and a
+  layer narrower than stock has a down_proj bias (search/compress/structured.py).
 
 FLOPs count 2 per multiply-add of matrix products only (norms, activations, RoPE and softcapping
-are left out, as torch's FlopCounterMode does). Biases (Gemma 4 has none), MoE blocks and 2:4
-sparse storage formats are not modelled.
+are left out, as torch's FlopCounterMode does); pruned layers' down_proj biases count as bytes,
+not FLOPs. MoE blocks and 2:4 sparse storage formats are not modelled.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class DecoderLayer:
     intermediate: int
     kv_shared: bool  # reads another layer's KV cache, has no k/v projections
     v_proj: bool  # False where attention_k_eq_v reuses k as v
+    down_proj_bias: bool = False  # FFN channels removed, their mean contribution kept as a bias
 
 
 @dataclass(frozen=True)
@@ -89,13 +92,15 @@ def decoder_layers(config: dict) -> list[DecoderLayer]:
         overrides = {i: full for i, t in enumerate(types) if t == "full_attention"}
     first_shared = n - (tc.get("num_kv_shared_layers") or 0)
     inter = tc["intermediate_size"]
+    pruned = tc.get("intermediate_sizes")
     layers = []
     for i, layer_type in enumerate(types):
         sliding = layer_type == "sliding_attention"
         shared = i >= first_shared
-        width = inter[i] if isinstance(inter, list) else inter
+        stock = inter[i] if isinstance(inter, list) else inter
         if tc.get("use_double_wide_mlp") and shared and first_shared > 0:
-            width *= 2
+            stock *= 2
+        width = pruned[i] if pruned else stock
         layers.append(DecoderLayer(
             index=i,
             sliding=sliding,
@@ -105,6 +110,7 @@ def decoder_layers(config: dict) -> list[DecoderLayer]:
             intermediate=width,
             kv_shared=shared,
             v_proj=not (tc.get("attention_k_eq_v") and not sliding),
+            down_proj_bias=width < stock,
         ))
     return layers
 
@@ -136,8 +142,8 @@ def text_linears(config: dict) -> list[LinearShape]:
 
 
 def _small_params(config: dict) -> int:
-    """RMSNorm scales (v_norm has none) and each layer's layer_scalar: read every step, tiny, but
-    counted so that byte totals are exact."""
+    """RMSNorm scales (v_norm has none), each layer's layer_scalar and pruned layers' down_proj
+    biases: read every step, tiny, but counted so that byte totals are exact."""
     tc = text_config(config)
     hidden, ple = tc["hidden_size"], tc.get("hidden_size_per_layer_input") or 0
     total = hidden + ple  # final norm, per_layer_projection_norm
@@ -145,6 +151,7 @@ def _small_params(config: dict) -> int:
         total += 4 * hidden + layer.head_dim + 1  # input/post-attention/pre-/post-feedforward norms, q_norm, scalar
         total += 0 if layer.kv_shared else layer.head_dim  # k_norm
         total += hidden if ple else 0  # post_per_layer_input_norm
+        total += hidden if layer.down_proj_bias else 0
     return total
 
 

@@ -45,6 +45,8 @@ def vllm_config(serve: ServeConfig, compress: CompressionConfig) -> dict[str, An
     }
     if serve.distributed_executor_backend != "auto":
         args["distributed-executor-backend"] = serve.distributed_executor_backend
+    if serve.attention_backend is not None:
+        args["attention-backend"] = serve.attention_backend
     if serve.max_num_batched_tokens is not None:
         args["max-num-batched-tokens"] = serve.max_num_batched_tokens
     if compress.scheme == "bnb_nf4":

@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from search import config as cfg
-from search.config import ConfigError
+from search.config import ConfigError, Infeasible  # noqa: F401  (Infeasible: re-exported)
 
 _TOP_KEYS = {"model", "fixed", "params", "constraints", "reference", "description"}
 _PARAM_KEYS = {"choices", "low", "high", "step", "log", "when"}
@@ -108,10 +108,6 @@ class Space:
             if param.name in preset and _contains(param.distribution(), preset[param.name]):
                 out[param.name] = preset[param.name]
         return out
-
-
-class Infeasible(Exception):
-    """A configuration that cannot run here; recorded with its reason, never compressed or served."""
 
 
 def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:

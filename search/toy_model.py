@@ -116,10 +116,7 @@ def build_tokenizer(out_dir: Path):
 def build(out_dir: str | Path, seed: int = 0, soft_tokens: int = DEFAULT_SOFT_TOKENS) -> Path:
     """Write a complete toy checkpoint (weights, config, tokenizer, processor) into out_dir."""
     import torch
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4Processor
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
-    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +133,16 @@ def build(out_dir: str | Path, seed: int = 0, soft_tokens: int = DEFAULT_SOFT_TO
     model = Gemma4ForConditionalGeneration(config).to(torch.bfloat16).eval()
     model.generation_config.do_sample = False
     model.save_pretrained(out)
+    save_processor(out, tokenizer, soft_tokens)
+    return out
+
+
+def save_processor(out: Path, tokenizer, soft_tokens: int) -> None:
+    """Gemma 4's processor (image budget ``soft_tokens``, chat template) beside a checkpoint."""
+    from transformers import Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
 
     processor = Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
@@ -144,7 +151,6 @@ def build(out_dir: str | Path, seed: int = 0, soft_tokens: int = DEFAULT_SOFT_TO
         chat_template=CHAT_TEMPLATE, image_seq_length=soft_tokens,
     )
     processor.save_pretrained(out)
-    return out
 
 
 def fingerprint(model_dir: str | Path) -> str:

@@ -66,7 +66,6 @@ class Outcome:
     metrics: dict[str, float]
     tags: dict[str, str]
     artifacts: list[Path]
-    per_task: dict[str, RecoveryEstimate]
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +286,8 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     if len(repeat_j_per_request) > 1:
         spread = energy.spread(repeat_j_per_request)
         metrics.update({f"energy_j_per_request_{k}": v for k, v in spread.items()})
-    floor_metrics, floor_tags = _floor(result.checkpoint, config, stats, prompts, reading)
-    metrics.update(floor_metrics)
+    floor_values, floor_tags = floor_metrics(result.checkpoint, config, stats, prompts, reading)
+    metrics.update(floor_values)
     tags.update(floor_tags)
     metrics["compress_saved_s"] = result.saved_seconds
     metrics["checkpoint_bytes"] = result.size_bytes
@@ -304,14 +303,14 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     energy.plot_trace(reading, trace_png)
     artifacts += [answers_path, trace_csv, trace_png]
     return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], outcome_gate.passed,
-                   metrics, tags, artifacts, per_task)
+                   metrics, tags, artifacts)
 
 
 # Whose data sheet the floors use when the trial ran on no GPU we know (a CPU machine).
 REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # NVML's name of the H100 SXM
 
 
-def _floor(checkpoint: Path, config: TrialConfig, stats: dict, prompts: list[Prompt],
+def floor_metrics(checkpoint: Path, config: TrialConfig, stats: dict, prompts: list[Prompt],
            reading: energy.EnergyReading) -> tuple[dict[str, float], dict[str, str]]:
     """The hardware's least energy for this trial's work, and how far the measured energy is from it."""
     model_config = json.loads((checkpoint / "config.json").read_text())

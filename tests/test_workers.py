@@ -2,8 +2,6 @@
 killed with SIGKILL mid-trial has its trial failed by the others and run again."""
 
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,9 +13,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from search import local_postgres
+
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "workers_space.yaml"
-PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path("/usr/lib/postgresql").exists() else None
 
 
 def free_port():
@@ -38,28 +37,10 @@ def wait_port(port, timeout=60):
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
-    """A throwaway cluster on loopback with trust auth; initdb refuses root, so it runs as postgres."""
-    if PG_BIN is None:
+    if local_postgres.server_binaries() is None:
         pytest.skip("PostgreSQL server binaries not installed (setup.sh installs them as root)")
-    base = tmp_path_factory.mktemp("pg")
-    data = base / "data"
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        pwd.getpwnam("postgres")
-        os.chmod(base, 0o777)
-        for parent in base.parents:
-            if parent == Path("/"):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    port = free_port()
-    subprocess.run(as_postgres + [str(PG_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run(as_postgres + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-                                  f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run(as_postgres + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                   capture_output=True)
+    with local_postgres.cluster(tmp_path_factory.mktemp("pg")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

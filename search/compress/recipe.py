@@ -1,11 +1,14 @@
 """CompressionConfig -> an llmcompressor recipe (plain data, written as recipe.yaml).
 
 Pure functions: no llmcompressor import, so recipes are tested and logged without the compression
-environment. Pruning comes before quantization (seed 001's order).
+environment. Pruning comes before quantization (seed 001's order). Structured (FLAP) pruning is
+not an llmcompressor modifier: `structured_widths` gives the compression worker the FFN width
+of every decoder layer, and the worker removes channels before `oneshot` runs the recipe.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from search.config import CompressionConfig, ConfigError
@@ -88,7 +91,7 @@ def quantization_modifier(config: CompressionConfig) -> dict[str, dict[str, Any]
 
 def pruning_modifier(config: CompressionConfig, num_layers: int) -> dict[str, dict[str, Any]]:
     prune = config.prune
-    if not prune.active:
+    if not prune.active or prune.structured:
         return {}
     name = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}[prune.method]
     ratios = prune.layer_ratios(num_layers)
@@ -100,6 +103,48 @@ def pruning_modifier(config: CompressionConfig, num_layers: int) -> dict[str, di
     # prunes the MLP only, so attention and per-layer-input projections are ignored.
     return {name: {"sparsity": sparsity, "mask_structure": prune.mask_structure,
                    "targets": [_DECODER_LAYER], "ignore": ALWAYS_BF16 + [_ATTN] + _PER_LAYER}}
+
+
+# vLLM's GPU kernels (Marlin, FP8) want Linear dimensions divisible by 64 (vLLM's gemma4_mm says so
+# for the vision tower); group-quantized weights also need whole groups along down_proj's input.
+_CHANNEL_MULTIPLE = 64
+
+
+def channel_multiple(config: CompressionConfig) -> int:
+    """What every pruned FFN width is a multiple of, so that the quantization that follows fits it."""
+    group = {"w4a16": config.group_size, "nvfp4a16": 16}.get(config.scheme, 1)
+    return math.lcm(_CHANNEL_MULTIPLE, group)
+
+
+def pruned_width(stock: int, ratio: float, multiple: int) -> int:
+    """FFN channels a layer keeps when ``ratio`` of its ``stock`` channels are removed, rounded to
+    the nearest ``multiple`` (at least one multiple, never more than ``stock``)."""
+    if ratio == 0:
+        return stock
+    kept = round(stock * (1 - ratio) / multiple) * multiple
+    return min(stock, max(multiple, kept))
+
+
+def stock_widths(text_config: dict[str, Any]) -> list[int]:
+    """Each decoder layer's FFN width as transformers and vLLM build Gemma 4 (double-wide KV-shared
+    layers included)."""
+    n = text_config["num_hidden_layers"]
+    first_shared = n - (text_config.get("num_kv_shared_layers") or 0)
+    double = text_config.get("use_double_wide_mlp", False)
+    return [text_config["intermediate_size"] * (2 if double and i >= first_shared > 0 else 1) for i in range(n)]
+
+
+def structured_widths(config: CompressionConfig, model_config: dict[str, Any]) -> list[int] | None:
+    """The FFN width of every decoder layer after structured pruning, or None when none is asked."""
+    prune = config.prune
+    if not (prune.active and prune.structured):
+        return None
+    text = model_config.get("text_config", model_config)
+    if text.get("intermediate_sizes"):
+        raise ConfigError("the base checkpoint is already structurally pruned; prune the original model")
+    stock = stock_widths(text)
+    multiple = channel_multiple(config)
+    return [pruned_width(s, r, multiple) for s, r in zip(stock, prune.layer_ratios(len(stock)))]
 
 
 def build_recipe(config: CompressionConfig, num_layers: int) -> dict[str, Any]:

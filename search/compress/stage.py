@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from search.compress.cache import CheckpointCache
-from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
+from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
 from search.config import CompressionConfig, flatten
 
 
@@ -101,6 +101,7 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
     model_config = json.loads((base_model / "config.json").read_text())
     num_layers = model_config.get("text_config", model_config)["num_hidden_layers"]
     recipe = build_recipe(config, num_layers)
+    ffn_widths = structured_widths(config, model_config)
     if not config.needs_checkpoint:
         return CompressResult(base_model, recipe, None, False, 0.0, 0.0, 0)
     key = cache_key(model_fingerprint(base_model, cache.root / "fingerprints"), config, llmcompressor_version)
@@ -113,7 +114,7 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
         spec = {"base_model": str(base_model), "out_dir": str(out_dir), "recipe_path": str(recipe_path),
                 "log_path": str(log_path), "trust_remote_code": compressor.trust_remote_code,
                 "pipeline": pipeline_for(recipe, model_config), "needs_calibration": needs_calibration(recipe),
-                "calibration": flatten(config.calibration)}
+                "calibration": flatten(config.calibration), "ffn_widths": ffn_widths}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         t0 = time.perf_counter()

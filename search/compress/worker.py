@@ -49,39 +49,54 @@ def calibration_texts(spec: dict, tokenizer) -> list[str]:
 def run(spec: dict) -> dict:
     started = time.perf_counter()
     import datasets
+    import torch
+    import yaml
     from llmcompressor import oneshot
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from search.compress.structured import flap_prune, load_pretrained
 
     imported = time.perf_counter()
     base, out = Path(spec["base_model"]), Path(spec["out_dir"])
     trust = spec.get("trust_remote_code", False)
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto", trust_remote_code=trust)
+    model = load_pretrained(base, dtype="auto", trust_remote_code=trust)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
+    ffn_widths = spec.get("ffn_widths")  # structured pruning's per-layer widths, or None
     kwargs = {}
-    if spec["needs_calibration"]:
+    if spec["needs_calibration"] or ffn_widths:
         texts = calibration_texts(spec["calibration"], tokenizer)
         ds = datasets.Dataset.from_dict({"text": texts}).map(
             lambda row: tokenizer(row["text"], truncation=True, max_length=spec["calibration"]["seq_len"],
                                   add_special_tokens=False),
             remove_columns=["text"])
+    if spec["needs_calibration"]:
         kwargs = {"dataset": ds, "num_calibration_samples": len(texts),
                   "max_seq_length": spec["calibration"]["seq_len"], "processor": tokenizer}
     if spec.get("pipeline"):
         kwargs["pipeline"] = spec["pipeline"]
     loaded = time.perf_counter()
-    oneshot(model=model, recipe=spec["recipe_path"], **kwargs)
-    compressed = time.perf_counter()
-    model.save_pretrained(out, save_compressed=True)
-    from llmcompressor.core import reset_session
-    reset_session()  # the next spec in this process starts from a clean compression session
+    channel_counts = {}
+    if ffn_widths:
+        # FFN channels go first: the quantization that follows calibrates on the pruned model.
+        channel_counts = flap_prune(model, (torch.tensor([ids]) for ids in ds["input_ids"]), ffn_widths)
+    pruned = time.perf_counter()
+    if yaml.safe_load(Path(spec["recipe_path"]).read_text()):
+        oneshot(model=model, recipe=spec["recipe_path"], **kwargs)
+        compressed = time.perf_counter()
+        model.save_pretrained(out, save_compressed=True)
+        from llmcompressor.core import reset_session
+        reset_session()  # the next spec in this process starts from a clean compression session
+    else:  # structured pruning alone: a plain bf16 checkpoint
+        compressed = time.perf_counter()
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for name in _CARRIED:
         if (base / name).exists():
             shutil.copy2(base / name, out / name)
     shutil.copy2(spec["recipe_path"], out / "recipe.yaml")
-    stats = {"import_s": imported - started, "load_s": loaded - imported,
-             "oneshot_s": compressed - loaded, "save_s": time.perf_counter() - compressed,
-             "size_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
+    stats = {"import_s": imported - started, "load_s": loaded - imported, "prune_s": pruned - loaded,
+             "oneshot_s": compressed - pruned, "save_s": time.perf_counter() - compressed,
+             "size_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()), **channel_counts}
     (out / "compress_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 

@@ -1,0 +1,922 @@
+"""Energy of the seed configurations on a full-size random-weight Gemma 4 E4B twin, served by vLLM.
+
+Runs on the GPU machine (bench/gpu/stage_and_run.sh starts it); every stage has its own
+subcommand and interpreter environment, because llmcompressor and vLLM cannot share one:
+
+  build     (compression env)  the twin: E4B's text decoder (field notes' config values) + a vision
+                               tower like E4B's (Gemma4VisionConfig defaults: 768 wide, 16 layers,
+                               ~150M parameters; 280 soft tokens an image); no audio tower. Built in
+                               bf16 directly on the GPU from a fixed seed, saved with a tokenizer
+                               (262144 entries), chat template and image processor, then completed
+                               in the layout vLLM 0.26 loads (see `complete_kv_shared`).
+  compress  (compression env)  one checkpoint per configuration: the same seeded twin rebuilt on the
+                               GPU, the project's recipe (search.compress.recipe.build_recipe), its
+                               pipeline choice (pipeline_for: "basic" on Gemma 4) and its built-in
+                               calibration texts, llmcompressor.oneshot, save_pretrained(compressed).
+  drive     (image python)     orchestrates: build, compression in a child process (GPU work under a
+                               file lock, so nothing else runs on the GPU during a measured window),
+                               then for every configuration a vLLM server from search.serve
+                               (vllm_config.yaml), warm-up, idle, measured windows with
+                               search.energy.NvmlMeter, peak GPU memory from NVML, a table.
+
+Local CPU rehearsal at toy size (no GPU): `--toy` and `--meter auto` (see bench/gpu/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SEED = 0
+GiB = 1024**3
+
+# --------------------------------------------------------------------------------------------
+# The twin: Gemma 4 E4B's public config values (shared/field-notes.md).
+
+LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 7
+FULL_TEXT = dict(
+    vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size=2560, intermediate_size=10240,
+    num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+    global_head_dim=512, num_kv_shared_layers=18, hidden_size_per_layer_input=256,
+    layer_types=LAYER_TYPES, sliding_window=512, final_logit_softcapping=30.0,
+    max_position_embeddings=131072, tie_word_embeddings=True,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "rope_theta": 1000000.0,
+                           "partial_rotary_factor": 0.25},
+    },
+    pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.02,
+)
+SOFT_TOKENS = 280  # E4B's default image budget
+# transformers 5.17's Gemma4VisionConfig defaults are E4B's encoder (~150M parameters);
+# vLLM sizes image placeholders from default_output_length, which must equal the processor's budget.
+FULL_VISION = dict(default_output_length=SOFT_TOKENS)
+
+# Local rehearsal on a CPU: the same structure at toy size.
+TOY_TEXT = dict(FULL_TEXT, vocab_size=4096, vocab_size_per_layer_input=4096, hidden_size=128,
+                intermediate_size=512, num_hidden_layers=12, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=64, global_head_dim=128, num_kv_shared_layers=4,
+                hidden_size_per_layer_input=128,
+                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
+                sliding_window=128, max_position_embeddings=4096)
+TOY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=32, position_embedding_size=1024,
+                  default_output_length=SOFT_TOKENS)
+
+# --------------------------------------------------------------------------------------------
+# The configurations: the project's seed presets (spaces/presets/seeds.yaml), compression as the
+# seeds have it; serving fixed for all, so that only compression and KV-cache dtype differ.
+
+PRESETS = {
+    "bf16": ("bf16_reference", {}),
+    "nf4_000": ("seed_000_bnb_nf4", {}),
+    "fp8_002": ("seed_002_fp8_weights_fp8kv", {}),
+    "gptq_fp8kv_001np": ("seed_001_sparsegpt_gptq_w4a16_fp8kv", {"compress.prune.method": "none"}),
+    "w4a16_obs_003": ("seed_003_observer_w4a16", {}),
+    "sgpt_gptq_001": ("seed_001_sparsegpt_gptq_w4a16_fp8kv", {}),
+}
+ORDER = ["bf16", "nf4_000", "fp8_002", "w4a16_obs_003", "gptq_fp8kv_001np", "sgpt_gptq_001"]
+LABELS = {
+    "bf16": "bf16 (reference)",
+    "nf4_000": "000 bnb NF4 at load",
+    "fp8_002": "002 FP8 W (static) + FP8 KV",
+    "w4a16_obs_003": "003 W4A16 observer (RTN) g128",
+    "gptq_fp8kv_001np": "001 w/o pruning: GPTQ W4A16 g128 + FP8 KV",
+    "sgpt_gptq_001": "001: SparseGPT 10% + GPTQ W4A16 + FP8 KV",
+}
+BENCH_SERVE = {
+    "serve.max_model_len": 4096, "serve.max_num_seqs": 128, "serve.max_num_batched_tokens": 8192,
+    "serve.enable_prefix_caching": False, "serve.enable_chunked_prefill": True,
+    "serve.gpu_memory_utilization": 0.9, "serve.limit_images": 1, "serve.image_soft_tokens": SOFT_TOKENS,
+    "serve.enforce_eager": False, "serve.seed": 0,
+    # vLLM 0.26 chooses FlashAttention 4 for Gemma 4's mixed head sizes (256/512) on Hopper; FA4 imports
+    # nvidia-cutlass-dsl, which the staged wheels leave out ("No module named 'cutlass'" on the H200).
+    "serve.attention_backend": "TRITON_ATTN",
+}
+# Engine arguments beyond ServeConfig's fields, added to vllm_config(...)'s dict:
+#  - a fixed KV-cache size, so NVML's peak memory compares the configurations (with
+#    gpu-memory-utilization alone every server fills 90% of the card);
+#  - no multimodal processor cache: every window preprocesses its images, none reuses another's;
+#  - fewer CUDA-graph sizes than the default ~35 (server start time is this benchmark's budget).
+ENGINE_EXTRA = {
+    "kv-cache-memory-bytes": 8 * GiB,
+    "mm-processor-cache-gb": 0,
+    "compilation-config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]},
+}
+
+
+def trial_config(name: str, serve_override: dict | None = None):
+    import yaml
+    from search.config import build
+
+    preset_name, extra = PRESETS[name]
+    presets = yaml.safe_load((REPO / "spaces/presets/seeds.yaml").read_text())
+    values = dict(presets[preset_name]["config"])
+    kv = values.get("serve.kv_cache_dtype", "auto")
+    values = {k: v for k, v in values.items() if k.startswith("compress.")}
+    values.update(extra)
+    values.update(BENCH_SERVE)
+    values["serve.kv_cache_dtype"] = kv
+    values.update(serve_override or {})
+    return build(values)
+
+
+# --------------------------------------------------------------------------------------------
+# Build (compression environment: transformers 5.17, torch)
+
+
+def build_tokenizer(vocab_size: int):
+    """The toy's BPE tokenizer (Gemma 4's special tokens and chat template), grown to vocab_size
+    entries with never-produced filler tokens, so ids span the whole embedding table."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from search.toy_model import CHAT_TEMPLATE, NAMED_TOKENS, build_tokenizer as toy_tokenizer
+
+    small = toy_tokenizer(Path("."))
+    state = json.loads(small.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    n = small.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+    used = set(vocab.values()) | {t["id"] for t in state.get("added_tokens", [])}
+    for i in range(n, vocab_size):
+        if i not in used:
+            vocab[f"<fill{i}>"] = i
+    tok = Tokenizer.from_str(json.dumps(state))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", mask_token="<mask>", extra_special_tokens=NAMED_TOKENS,
+        model_max_length=131072,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    assert len(fast) == vocab_size, (len(fast), vocab_size)
+    return fast
+
+
+def twin_config(tokenizer, toy: bool):
+    from transformers import Gemma4Config
+
+    from search.toy_model import NAMED_TOKENS
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in NAMED_TOKENS.items()}
+    return Gemma4Config(
+        text_config=TOY_TEXT if toy else FULL_TEXT, vision_config=TOY_VISION if toy else FULL_VISION,
+        audio_config=None, boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"],
+        image_token_id=ids["image_token"], video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+        boa_token_id=ids["boa_token"], eoa_token_index=ids["eoa_token"], audio_token_id=ids["audio_token"],
+        tie_word_embeddings=True, initializer_range=0.02,
+    )
+
+
+def build_model(config, device: str):
+    """The seeded random twin in bf16, created and initialised on `device` (no CPU copy)."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Gemma4ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval()
+    model.generation_config.do_sample = False
+    return model
+
+
+def param_counts(model) -> dict[str, float]:
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n)
+    per_layer_emb = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens_per_layer" in n)
+    return {"params_total": total, "params_vision": vision, "params_embed_per_layer": per_layer_emb}
+
+
+def complete_kv_shared(ckpt: Path, add_projections: bool = True) -> list[str]:
+    """Write what vLLM 0.26 expects of Gemma 4's KV-shared layers and transformers 5.17 leaves out.
+
+    transformers 5.17 builds the last num_kv_shared_layers decoder layers without k_proj, v_proj and
+    k_norm (they reuse an earlier layer's K/V), so save_pretrained writes none. vLLM 0.26 builds
+    those layers like the others (a fused qkv_proj and a k_norm it never uses at run time) and
+    refuses a checkpoint without k_norm ("weights not initialized from checkpoint"); qkv_proj it
+    fills from q_proj alone and leaves the K/V part as uninitialised memory (for per-tensor FP8
+    that makes the merged scale garbage). Added here, in a separate file listed in the index:
+    k_norm = ones, and k_proj/v_proj in the checkpoint's own format, made from the same layer's
+    q_proj tensors (its first rows: the K/V output width; shapes, scales and zero points alike).
+    The K/V results of these layers are discarded by the model, so their values do not matter;
+    their cost is the same as vLLM's for any Gemma 4 checkpoint.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    n, shared = text["num_hidden_layers"], text.get("num_kv_shared_layers", 0)
+    if not shared:
+        return []
+    index_path = ckpt / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        where = dict(index["weight_map"])
+    else:
+        index, where = None, {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                where.update({k: f.name for k in h.keys()})
+    prefix = next((k.split("layers.")[0] for k in where if ".layers.0.self_attn.q_proj" in k
+                   and "language_model" in k), "model.language_model.")
+    added: dict[str, torch.Tensor] = {}
+    handles: dict[str, object] = {}
+    with contextlib.ExitStack() as stack:
+        def tensor(key: str):
+            fname = where[key]
+            if fname not in handles:
+                handles[fname] = stack.enter_context(safe_open(ckpt / fname, "pt"))
+            return handles[fname].get_tensor(key)
+
+        for i in range(n - shared, n):
+            attn = f"{prefix}layers.{i}.self_attn."
+            # The layer's own head size, from its q_norm: transformers 5.17 saves the full-attention
+            # layers' global_head_dim (512) only as a per-layer override, not as a config key.
+            hd = tensor(attn + "q_norm.weight").shape[0]
+            if attn + "k_norm.weight" not in where:
+                added[attn + "k_norm.weight"] = torch.ones(hd, dtype=torch.bfloat16)
+            if not add_projections:
+                continue
+            q_keys = [k for k in where if k.startswith(attn + "q_proj.")]
+            q_out = text["num_attention_heads"] * hd
+            kv_out = text["num_key_value_heads"] * hd
+            for qk in q_keys:
+                suffix = qk[len(attn + "q_proj."):]
+                t = tensor(qk)
+                if suffix == "weight_shape":
+                    new = torch.tensor([kv_out, int(t[1])], dtype=t.dtype)
+                elif t.dim() >= 1 and t.shape[0] == q_out:
+                    new = t[:kv_out].clone()
+                else:
+                    new = t.clone()
+                for proj in ("k_proj", "v_proj"):
+                    key = f"{attn}{proj}.{suffix}"
+                    if key not in where:
+                        added[key] = new.clone()
+    if not added:
+        return []
+    fname = "model-kv-shared-completion.safetensors"
+    save_file(added, ckpt / fname, metadata={"format": "pt"})
+    if index is not None:
+        index["weight_map"].update({k: fname for k in added})
+        index_path.write_text(json.dumps(index, indent=2))
+    return sorted(added)
+
+
+def device_of_choice() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_build(args) -> None:
+    import torch
+
+    from search.toy_model import save_processor
+
+    root = Path(args.root)
+    base = root / "base"
+    if (base / "BUILD_OK").exists():
+        print("base exists", flush=True)
+        return
+    shutil.rmtree(base, ignore_errors=True)
+    t0 = time.perf_counter()
+    tokenizer = build_tokenizer((TOY_TEXT if args.toy else FULL_TEXT)["vocab_size"])
+    config = twin_config(tokenizer, args.toy)
+    t1 = time.perf_counter()
+    device = device_of_choice()
+    model = build_model(config, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    counts = param_counts(model)
+    # Sanity: one short forward pass gives finite logits.
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer("<|turn>user\nWhat is the total?<turn|>\n<|turn>model\n")["input_ids"]],
+                           device=device)
+        logits = model(input_ids=ids).logits
+    finite = bool(torch.isfinite(logits).all())
+    t3 = time.perf_counter()
+    model.save_pretrained(base, max_shard_size="4GB")
+    tokenizer.save_pretrained(base)
+    save_processor(base, tokenizer, SOFT_TOKENS)
+    added = complete_kv_shared(base, add_projections=True)
+    t4 = time.perf_counter()
+    size = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+    stats = {**counts, "logits_finite": finite, "tokenizer_s": t1 - t0, "build_s": t2 - t1,
+             "forward_s": t3 - t2, "save_s": t4 - t3, "size_bytes": size, "device": device,
+             "kv_shared_tensors_added": len(added), "torch": torch.__version__}
+    import transformers
+    stats["transformers"] = transformers.__version__
+    (base / "build_stats.json").write_text(json.dumps(stats, indent=2))
+    (base / "BUILD_OK").write_text("ok\n")
+    print(json.dumps(stats), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Compress (compression environment: llmcompressor 0.14.0.1)
+
+
+@contextlib.contextmanager
+def gpu_lock(root: Path, who: str):
+    """Only one GPU phase at a time: a compression, or a server's whole life (measurements)."""
+    path = root / "gpu.lock"
+    with open(path, "a+") as f:
+        t = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        waited = time.perf_counter() - t
+        if waited > 1:
+            print(f"[{who}] waited {waited:.0f} s for the GPU lock", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def compress_one(name: str, root: Path, toy: bool) -> dict:
+    import datasets
+    import torch
+    import yaml
+    from llmcompressor import oneshot
+    from llmcompressor.core import reset_session
+    from transformers import AutoTokenizer, Gemma4Config
+
+    from search.compress.calibration import builtin_texts
+    from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
+    from search.compress.worker import _CARRIED
+
+    base, out = root / "base", root / f"ckpt-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = trial_config(name).compress
+    config = Gemma4Config.from_pretrained(base)
+    text = config.text_config
+    recipe = build_recipe(cfg, text.num_hidden_layers)
+    out.mkdir(parents=True)
+    recipe_path = out / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    t0 = time.perf_counter()
+    device = device_of_choice()
+    model = build_model(config, device)
+    model.config.name_or_path = str(base)  # oneshot re-reads the config from disk to validate the model
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    kwargs: dict = {}
+    if needs_calibration(recipe):
+        cal = cfg.calibration
+        texts = builtin_texts(cal.n_samples, cal.seed)
+        ds = datasets.Dataset.from_dict({"text": texts}).map(
+            lambda row: tokenizer(row["text"], truncation=True, max_length=cal.seq_len,
+                                  add_special_tokens=False), remove_columns=["text"])
+        kwargs = {"dataset": ds, "num_calibration_samples": len(texts), "max_seq_length": cal.seq_len,
+                  "processor": tokenizer}
+    pipeline = pipeline_for(recipe, config.to_dict())
+    if pipeline:
+        kwargs["pipeline"] = pipeline
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    oneshot(model=model, recipe=str(recipe_path), **kwargs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    model.save_pretrained(out, save_compressed=True, max_shard_size="4GB")
+    reset_session()
+    tokenizer.save_pretrained(out)
+    for fname in _CARRIED:
+        if (base / fname).exists():
+            shutil.copy2(base / fname, out / fname)
+    added = complete_kv_shared(out, add_projections=True)
+    t3 = time.perf_counter()
+    stats = {"name": name, "pipeline": pipeline or "default", "calibration_samples": kwargs.get(
+        "num_calibration_samples", 0), "calibration_seq_len": kwargs.get("max_seq_length", 0),
+        "build_s": t1 - t0, "oneshot_s": t2 - t1, "save_s": t3 - t2, "size_bytes": dir_bytes(out),
+        "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else 0.0,
+        "kv_shared_tensors_added": len(added), "modifiers": list(recipe.get("default_stage", {}).get(
+            "default_modifiers", {}))}
+    (out / "compress_stats.json").write_text(json.dumps(stats, indent=2))
+    del model
+    import gc
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return stats
+
+
+def cmd_compress(args) -> None:
+    """Compress each named configuration in turn; disk permitting, ahead of the servers."""
+    root = Path(args.root)
+    base_bytes = json.loads((root / "base" / "build_stats.json").read_text())["size_bytes"]
+    for name in args.names.split(","):
+        if not name or not trial_config(name).compress.needs_checkpoint:
+            continue
+        out = root / f"ckpt-{name}"
+        if (out / "DONE").exists() or (root / f"ckpt-{name}.FAILED").exists():
+            continue
+        # A checkpoint is at most the base's size: wait until the drive has deleted served ones.
+        while shutil.disk_usage(root).free < base_bytes + 3 * GiB:
+            time.sleep(5)
+        with gpu_lock(root, f"compress {name}"):
+            print(f"[compress] {name} start (free {shutil.disk_usage(root).free / GiB:.1f} GiB)", flush=True)
+            try:
+                stats = compress_one(name, root, args.toy)
+                (out / "DONE").write_text(json.dumps(stats))
+                print(f"[compress] {name} done {json.dumps(stats)}", flush=True)
+            except BaseException as exc:  # an OOM or a recipe failure is this configuration's result
+                traceback.print_exc()
+                shutil.rmtree(out, ignore_errors=True)
+                (root / f"ckpt-{name}.FAILED").write_text(f"{type(exc).__name__}: {exc}"[:2000])
+                print(f"[compress] {name} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                with contextlib.suppress(Exception):
+                    import torch
+                    torch.cuda.empty_cache()
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+
+
+# --------------------------------------------------------------------------------------------
+# Drive (image python: search.serve / workload / energy; no torch needed)
+
+
+class MemorySampler:
+    """Peak NVML memory while a server lives: device total used, and the server's own processes."""
+
+    def __init__(self, hz: float = 5.0):
+        self.hz = hz
+        self.peak_used = 0
+        self.peak_procs = 0
+        self.baseline_used = 0
+        self.pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.baseline_used = pynvml.nvmlDeviceGetMemoryInfo(self._h).used
+        except Exception:
+            self._nvml = None
+
+    def start(self) -> None:
+        if self._nvml is None:
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1 / self.hz):
+            self.sample()
+
+    def sample(self) -> None:
+        n = self._nvml
+        try:
+            self.peak_used = max(self.peak_used, n.nvmlDeviceGetMemoryInfo(self._h).used)
+            procs = n.nvmlDeviceGetComputeRunningProcesses(self._h)
+            mine = sum(p.usedGpuMemory or 0 for p in procs if not self.pids or p.pid in self.pids)
+            self.peak_procs = max(self.peak_procs, mine)
+        except Exception:
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+
+def make_prompts(n: int, data_dir: Path):
+    """n distinct image+text prompts from the project's built-in tasks (n/2 receipts, n/2 scenes)."""
+    import io
+
+    from objectives.tasks import get_task, load_examples
+    from search.workload import Prompt
+
+    per_task = []
+    for name in ("builtin_documents", "builtin_scenes"):
+        task = dataclasses.replace(get_task(name), n_samples=(n + 1) // 2)
+        per_task.append((task, load_examples(task, data_dir)))
+    prompts = []
+    for i in range(n):
+        task, examples = per_task[i % 2]
+        ex = examples[i // 2]
+        buf = io.BytesIO()
+        ex.image.convert("RGB").save(buf, format="PNG")
+        prompts.append(Prompt(f"{task.name}/{ex.id}", task.name, ex.prompt, buf.getvalue(),
+                              tuple(ex.answers), task.scorer))
+    return prompts
+
+
+class Log:
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = out / "results.jsonl"
+
+    def record(self, kind: str, **data) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"kind": kind, "t": time.time(), **data}, default=str) + "\n")
+
+
+def fmt(x, spec=".1f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(rows: list[dict], spread_row: dict | None) -> str:
+    ref = next((r for r in rows if r["name"] == "bf16" and r.get("ok")), None)
+
+    def rel(r, key, higher_better=False):
+        if not ref or not r.get("ok") or not ref.get(key):
+            return "n/a"
+        return f"{r[key] / ref[key]:.2f}x"
+
+    lines = [
+        "| configuration | J/1k out tok (gross) | vs bf16 | J/1k tok net of idle | vs bf16 | tokens/Wh | vs bf16 "
+        "| throughput tok/s | vs bf16 | avg W | peak GPU mem GiB (NVML, server) | vs bf16 | windows | start s | images "
+        "| floor J/window (compute / memory) | measured / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r.get("ok"):
+            lines.append(f"| {LABELS.get(r['name'], r['name'])} | FAILED: {r.get('error', '?')[:300]} "
+                         "| | | | | | | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {LABELS.get(r['name'], r['name'])} | {r['j_per_1k_gross']:.1f} | {rel(r, 'j_per_1k_gross')} "
+            f"| {r['j_per_1k_net']:.1f} | {rel(r, 'j_per_1k_net')} | {r['tokens_per_wh']:.0f} "
+            f"| {rel(r, 'tokens_per_wh')} | {r['throughput']:.0f} | {rel(r, 'throughput')} | {r['avg_w']:.0f} "
+            f"| {r['peak_mem_gib']:.1f} | {rel(r, 'peak_mem_gib')} | {r['windows']} | {r['start_s']:.0f} "
+            f"| {'1/request' if r.get('images', True) else 'NONE (text-only fallback)'} "
+            f"| {fmt(r.get('floor_j'))} ({fmt(r.get('floor_compute_j'))} / {fmt(r.get('floor_memory_j'))}) "
+            f"| {fmt(r.get('floor_ratio'), '.1f')}x |")
+    if spread_row:
+        s = spread_row
+        lines.append("")
+        lines.append(f"Spread of {s['name']} over {s['n']} windows (search.energy.spread of J/1k output tokens, "
+                     f"gross): mean {s['mean']:.2f}, std {s['std']:.2f}, min {s['min']:.2f}, max {s['max']:.2f}, "
+                     f"rel_std {100 * s['rel_std']:.2f}%; net of idle: rel_std {100 * s['net_rel_std']:.2f}%.")
+    return "\n".join(lines)
+
+
+def serve_and_measure(name: str, args, root: Path, log: Log, prompts, idle_bare_w: float | None) -> dict:
+    import httpx
+
+    from search import energy, serve, workload
+    from search.config import WorkloadConfig
+
+    cfg = trial_config(name, json.loads(args.serve_override) if args.serve_override else None)
+    model = root / "base" if not cfg.compress.needs_checkpoint else root / f"ckpt-{name}"
+    engine = serve.vllm_config(cfg.serve, cfg.compress)
+    engine.update(ENGINE_EXTRA)
+    engine.update(json.loads(args.engine_override) if args.engine_override else {})
+    workdir = root / f"serve-{name}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    env = {"PYTHONPATH": args.site_vllm, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    measure = WorkloadConfig(n_requests=len(prompts), warmup_requests=0, concurrency=args.concurrency,
+                             max_tokens=args.max_tokens, ignore_eos=True, quality="labels",
+                             tasks=("builtin_documents", "builtin_scenes"))
+    warm = dataclasses.replace(measure, max_tokens=32)
+    mem = MemorySampler()
+    mem.start()
+    server = None
+    row: dict = {"name": name, "label": LABELS.get(name, name), "model": str(model),
+                 "engine": engine, "compress": dataclasses.asdict(cfg.compress)}
+    try:
+        t0 = time.perf_counter()
+        row["stage"] = "start"
+        server = serve.start(args.serve_python, model, engine, workdir, timeout_s=args.start_timeout, env=env)
+        row["stage"] = "warmup"
+        mem.pids = set(server.pids())
+        row["start_s"] = time.perf_counter() - t0
+        print(f"[drive] {name}: server ready in {row['start_s']:.0f} s", flush=True)
+        tw = time.perf_counter()
+        res = workload.run(server.base_url, server.served_name, prompts, warm, first_index=-10_000,
+                           timeout_s=args.request_timeout)
+        errs = [r.error for r in res if r.error]
+        if errs:
+            raise RuntimeError(f"warm-up: {len(errs)}/{len(res)} requests failed: {errs[0]}")
+        row["warmup_s"] = time.perf_counter() - tw
+        row["stage"] = "measure"
+        meter = energy.NvmlMeter() if args.meter == "nvml" else energy.make_meter(None, server.pids)
+        try:
+            time.sleep(args.settle)
+            row["idle_server_w"] = meter.measure_idle(args.idle_s)
+            row["idle_bare_w"] = idle_bare_w
+            windows = []
+            for rep in range(args.repeats_bf16 if name == "bf16" else args.repeats):
+                before = server.metrics()
+                meter.start()
+                results = workload.run(server.base_url, server.served_name, prompts, measure,
+                                       first_index=rep * 1000, timeout_s=args.request_timeout)
+                reading = meter.stop()
+                after = server.metrics()
+                stats = workload.summarize(results, reading.duration_s)
+                tokens = stats["completion_tokens"]
+                w = {"rep": rep, "tokens": tokens, "errors": stats["request_errors"],
+                     "prompt_tokens": stats["prompt_tokens"], "duration_s": reading.duration_s,
+                     "joules_gross": reading.joules_gross, "joules_net": reading.joules_net,
+                     "idle_w": reading.idle_w, "avg_w": reading.avg_w, "peak_w": reading.peak_w,
+                     "source": reading.source,
+                     "metrics_generation_tokens": after.get("vllm:generation_tokens_total", 0)
+                     - before.get("vllm:generation_tokens_total", 0),
+                     "j_per_1k_gross": 1000 * reading.joules_gross / tokens if tokens else None,
+                     "j_per_1k_net": 1000 * reading.joules_net / tokens if tokens else None,
+                     "tokens_per_wh": tokens / (reading.joules_gross / 3600) if reading.joules_gross else None,
+                     "throughput": tokens / reading.duration_s, "ttft_p50_s": stats["ttft_p50_s"],
+                     "latency_p50_s": stats["latency_p50_s"]}
+                if stats["request_errors"]:
+                    w["first_error"] = next(r.error for r in results if r.error)
+                windows.append(w)
+                log.record("window", name=name, **w)
+                print(f"[drive] {name} window {rep}: {json.dumps({k: w[k] for k in ('tokens', 'errors', 'duration_s', 'joules_gross', 'j_per_1k_gross', 'avg_w')})}", flush=True)
+                if stats["request_errors"] == len(results) or not tokens:
+                    raise RuntimeError(f"no output tokens in window {rep}: {w.get('first_error', 'no error reported')}"
+                                       f"{'' if server.alive() else ' (the server died)'}")
+            row["method"] = reading.method
+            # The product's floor (search.trial.floor_metrics) for one window's work on this GPU.
+            from search.trial import floor_metrics
+            floor_values, floor_tags = floor_metrics(model, dataclasses.replace(cfg, workload=measure),
+                                                     stats, prompts, reading)
+            row.update(floor_j=floor_values["floor_j"], floor_compute_j=floor_values["floor_compute_j"],
+                       floor_memory_j=floor_values["floor_memory_j"], floor_basis=floor_tags["floor_basis"])
+        finally:
+            meter.close()
+        good = [w for w in windows if w["tokens"]]
+        expected = len(prompts) * args.max_tokens
+        row["short_windows"] = [w["rep"] for w in good if w["tokens"] != expected]
+        mean = lambda k: sum(w[k] for w in good) / len(good)  # noqa: E731
+        row.update(ok=True, windows=len(good), j_per_1k_gross=mean("j_per_1k_gross"),
+                   j_per_1k_net=mean("j_per_1k_net"), tokens_per_wh=mean("tokens_per_wh"),
+                   throughput=mean("throughput"), avg_w=mean("avg_w"), tokens_per_window=mean("tokens"),
+                   prompt_tokens_per_window=mean("prompt_tokens"), window_s=mean("duration_s"),
+                   j_per_1k_gross_all=[w["j_per_1k_gross"] for w in good],
+                   j_per_1k_net_all=[w["j_per_1k_net"] for w in good])
+        row["floor_ratio"] = mean("joules_gross") / row["floor_j"]
+        with contextlib.suppress(Exception):
+            row["vllm_log_facts"] = log_facts(server.log_path)
+    except Exception as exc:
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:1500])
+        print(f"[drive] {name} FAILED: {row['error'][:500]}", flush=True)
+        if not isinstance(exc, (serve.ServerFailed, RuntimeError, httpx.HTTPError)):
+            traceback.print_exc()
+        row["vllm_log_facts"] = log_facts(workdir / "server.log")
+    finally:
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()
+        mem.sample()
+        mem.stop()
+        row["peak_mem_gib"] = (mem.peak_used - mem.baseline_used) / GiB
+        row["peak_mem_procs_gib"] = mem.peak_procs / GiB
+        row["device_used_before_gib"] = mem.baseline_used / GiB
+        with contextlib.suppress(Exception):
+            keep = args.out / "server-logs"
+            keep.mkdir(exist_ok=True)
+            shutil.copy2(workdir / "server.log", keep / f"{name}.log")
+    return row
+
+
+def log_facts(path: Path) -> list[str]:
+    """The server log's lines that say which kernels, backends and sizes it chose."""
+    keys = ("attention backend", "Using ", "quantiz", "Model loading took", "torch.compile took",
+            "Graph capturing finished", "KV cache", "Available KV", "maximum concurrency", "marlin",
+            "Marlin", "FP8", "fp8", "bitsandbytes", "CUTLASS", "Cutlass", "Triton", "compile range",
+            "init engine", "Error", "error")
+    out = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        if any(k in line for k in keys) and len(out) < 60:
+            out.append(line.split("] ", 1)[-1][:300])
+    return out
+
+
+def env_report(args) -> dict:
+    info = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    with contextlib.suppress(Exception):
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm,temperature.gpu",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+    probe = ("import importlib.metadata as m, json, sys; out={'python': sys.version.split()[0]}\n"
+             "for n in ['torch','transformers','vllm','llmcompressor','compressed-tensors','bitsandbytes',"
+             "'triton','flashinfer-python','nvidia-ml-py','datasets','accelerate']:\n"
+             "    try: out[n]=m.version(n)\n    except Exception: pass\nprint(json.dumps(out))")
+    for env_name, site in (("serve_env", args.site_vllm), ("compress_env", args.site_llmc)):
+        with contextlib.suppress(Exception):
+            r = subprocess.run([args.serve_python if env_name == "serve_env" else args.compress_python, "-c", probe],
+                               capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": site})
+            info[env_name] = json.loads(r.stdout.strip().splitlines()[-1])
+    return info
+
+
+def run_child(cmd: list[str], pythonpath: str, log_path: Path, wait: bool = True):
+    """A child in the compression environment (its interpreter is cmd[0])."""
+    env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    f = open(log_path, "a")
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    if wait:
+        rc = p.wait()
+        f.close()
+        return rc
+    return p
+
+
+def cmd_drive(args) -> None:
+    root, out = Path(args.root), Path(args.out)
+    args.out = out
+    root.mkdir(parents=True, exist_ok=True)
+    log = Log(out)
+    names = [n for n in (args.configs.split(",") if args.configs != "all" else ORDER)]
+    me = [args.compress_python, str(Path(__file__).resolve())]
+    toy = ["--toy"] if args.toy else []
+    t_start = time.time()
+    print(f"[drive] configs {names}; root {root} (free {shutil.disk_usage(root).free / GiB:.1f} GiB)", flush=True)
+
+    # 1. The twin.
+    tb = time.perf_counter()
+    rc = run_child(me + ["build", "--root", str(root)] + toy, args.site_llmc + os.pathsep + str(REPO),
+                   out / "compress.log")
+    if rc != 0 or not (root / "base" / "BUILD_OK").exists():
+        log.record("fatal", error=f"build failed (rc {rc}); see compress.log")
+        print("[drive] build FAILED; see compress.log", flush=True)
+        (out / "DONE").write_text("build failed\n")
+        return
+    build_stats = json.loads((root / "base" / "build_stats.json").read_text())
+    log.record("build", wall_s=time.perf_counter() - tb, **build_stats)
+    print(f"[drive] build done in {time.perf_counter() - tb:.0f} s: {json.dumps(build_stats)}", flush=True)
+
+    # 2. Compression ahead of serving, in the background, one GPU phase at a time.
+    # One process per checkpoint: whatever llmcompressor keeps alive ends with it, so the GPU is
+    # empty (bar nothing) when a server starts.
+    to_compress = [n for n in names if trial_config(n).compress.needs_checkpoint]
+
+    def compress_all() -> None:
+        for n in to_compress:
+            rc = run_child(me + ["compress", "--root", str(root), "--names", n] + toy,
+                           args.site_llmc + os.pathsep + str(REPO), out / "compress.log")
+            if not (root / f"ckpt-{n}" / "DONE").exists() and not (root / f"ckpt-{n}.FAILED").exists():
+                (root / f"ckpt-{n}.FAILED").write_text(f"compress process exited with rc {rc} and no "
+                                                       "checkpoint (killed? see compress.log)")
+
+    comp = threading.Thread(target=compress_all, daemon=True)
+    comp.start()
+
+    # 3. The serving environment (the stager writes the marker once vLLM is installed).
+    if args.wait_for:
+        marker = Path(args.wait_for)
+        while not marker.exists() and not marker.with_suffix(".failed").exists():
+            time.sleep(2)
+        if marker.with_suffix(".failed").exists():
+            log.record("fatal", error="vLLM install failed: " + marker.with_suffix(".failed").read_text()[:1000])
+            (out / "DONE").write_text("vllm install failed\n")
+            return
+    info = env_report(args)
+    log.record("env", **info)
+    (out / "env.json").write_text(json.dumps(info, indent=2))
+    print(f"[drive] env {json.dumps(info)}", flush=True)
+    prompts = make_prompts(args.n_requests, root / "data")
+    print(f"[drive] {len(prompts)} prompts, all with an image: {all(p.image_png for p in prompts)}", flush=True)
+
+    # 4. Idle first: the bare GPU, nothing running on it.
+    idle_bare = None
+    if args.meter == "nvml":
+        from search.energy import NvmlMeter
+        with gpu_lock(root, "drive idle"):
+            m = NvmlMeter()
+            try:
+                time.sleep(args.settle)
+                idle_bare = m.measure_idle(args.idle_s)
+            finally:
+                m.close()
+        log.record("idle_bare", watts=idle_bare, seconds=args.idle_s)
+        print(f"[drive] bare GPU idle {idle_bare:.1f} W", flush=True)
+
+    # 5. Serve and measure each configuration.
+    rows = []
+    images_ok = True
+    text_prompts = [dataclasses.replace(p, image_png=None) for p in prompts]
+    for name in names:
+        cfg = trial_config(name)
+        ckpt = root / f"ckpt-{name}"
+        if cfg.compress.needs_checkpoint:
+            while not (ckpt / "DONE").exists() and not (root / f"ckpt-{name}.FAILED").exists():
+                if not comp.is_alive() and not (ckpt / "DONE").exists():
+                    break
+                time.sleep(2)
+            if not (ckpt / "DONE").exists():
+                reason = (root / f"ckpt-{name}.FAILED").read_text() if (root / f"ckpt-{name}.FAILED").exists() \
+                    else "compression process ended without a checkpoint"
+                row = {"name": name, "ok": False, "error": f"compression failed: {reason[:1200]}"}
+                rows.append(row)
+                log.record("config", **row)
+                continue
+            log.record("compress", **json.loads((ckpt / "DONE").read_text()))
+        with gpu_lock(root, f"serve {name}"):
+            row = serve_and_measure(name, args, root, log, prompts if images_ok else text_prompts, idle_bare)
+            if not row.get("ok") and row.get("stage") == "warmup" and images_ok:
+                # Fallback: if image requests break this vLLM, measure text-only rather than nothing.
+                images_ok = False
+                first_error = row.get("error", "")
+                log.record("images_failed", name=name, error=first_error)
+                print(f"[drive] image requests failed ({first_error[:300]}); text-only from now on", flush=True)
+                row = serve_and_measure(name, args, root, log, text_prompts, idle_bare)
+                row["images_error"] = first_error
+        row["images"] = images_ok
+        rows.append(row)
+        log.record("config", **{k: v for k, v in row.items() if k != "engine"}, engine=row.get("engine"))
+        if cfg.compress.needs_checkpoint and not args.keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        rest = names[names.index(name) + 1:]
+        if not args.keep and all(trial_config(n).compress.needs_checkpoint for n in rest):
+            # No server reads the base weights any more (compression rebuilds the twin from its seed
+            # and reads only config and tokenizer files): free their disk for the checkpoints.
+            for f in (root / "base").glob("*.safetensors"):
+                f.unlink()
+        spread_row = spread_of(rows)
+        (out / "results.md").write_text(table(rows, spread_row) + "\n")
+        print(table(rows, spread_row), flush=True)
+    comp.join()
+    spread_row = spread_of(rows)
+    text = table(rows, spread_row)
+    (out / "results.md").write_text(text + "\n")
+    log.record("done", wall_s=time.time() - t_start)
+    print("[drive] FINAL\n" + text, flush=True)
+    (out / "DONE").write_text("ok\n")
+
+
+def spread_of(rows: list[dict]) -> dict | None:
+    from search.energy import spread
+
+    for r in rows:
+        if r.get("ok") and len(r.get("j_per_1k_gross_all", [])) >= 3:
+            s = spread(r["j_per_1k_gross_all"])
+            s_net = spread(r["j_per_1k_net_all"])
+            return {"name": LABELS.get(r["name"], r["name"]), "n": len(r["j_per_1k_gross_all"]), **s,
+                    "net_rel_std": s_net["rel_std"]}
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--root", required=True)
+    b.add_argument("--toy", action="store_true")
+    c = sub.add_parser("compress")
+    c.add_argument("--root", required=True)
+    c.add_argument("--names", required=True)
+    c.add_argument("--toy", action="store_true")
+    d = sub.add_parser("drive")
+    d.add_argument("--root", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--configs", default="all")
+    d.add_argument("--toy", action="store_true")
+    d.add_argument("--site-vllm", default="/tmp/site-vllm")
+    d.add_argument("--site-llmc", default="/tmp/site-llmc")
+    d.add_argument("--serve-python", default=sys.executable)
+    d.add_argument("--compress-python", default=sys.executable)
+    d.add_argument("--wait-for", default="", help="file whose existence says the vLLM env is installed")
+    d.add_argument("--meter", choices=["nvml", "auto"], default="nvml")
+    d.add_argument("--n-requests", type=int, default=128)
+    d.add_argument("--concurrency", type=int, default=128)
+    d.add_argument("--max-tokens", type=int, default=256)
+    d.add_argument("--repeats", type=int, default=2)
+    d.add_argument("--repeats-bf16", type=int, default=3)
+    d.add_argument("--idle-s", type=float, default=10.0)
+    d.add_argument("--settle", type=float, default=3.0)
+    d.add_argument("--start-timeout", type=float, default=600.0)
+    d.add_argument("--request-timeout", type=float, default=240.0)
+    d.add_argument("--serve-override", default="", help="JSON of dotted serve.* values (local rehearsal)")
+    d.add_argument("--engine-override", default="", help="JSON merged into the engine arguments")
+    d.add_argument("--keep", action="store_true", help="keep compressed checkpoints after serving")
+    args = p.parse_args(argv)
+    {"build": cmd_build, "compress": cmd_compress, "drive": cmd_drive}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

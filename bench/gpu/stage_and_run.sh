@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Runs ON the GPU machine, from the repository root, once per `run` call (see bench/gpu/README.md).
+#
+#   bash bench/gpu/stage_and_run.sh stage [DRIVE_ARGS...]
+#       Copies the carried part (.whl/parts/pNN) into /tmp/stage. With p00 (early.tar: the
+#       compression stack) it installs /tmp/site-llmc and starts the benchmark in the background
+#       (setsid: it outlives this call, not the machine), which builds the twin and compresses while
+#       the other parts arrive. Once every part is there it joins rest.tar with cat, checks it, and
+#       installs /tmp/site-vllm (vLLM 0.26.0, its extras, bitsandbytes); the benchmark waits for that.
+#   bash bench/gpu/stage_and_run.sh wait SECONDS
+#       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
+#
+# pip install --no-index --no-deps --target: nothing is resolved or fetched there.
+set -uo pipefail
+S=/tmp/stage
+OUTDIR=/tmp/bench-out
+CODE=/tmp/bench-code
+mkdir -p "$S" "$OUTDIR"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+collect() {  # results back through $OUT (at most 8 files)
+  [ -n "${OUT:-}" ] || return 0
+  for f in results.md results.jsonl env.json driver.log compress.log; do
+    [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
+  done
+  [ -f "$S/stage.log" ] && cp "$S/stage.log" "$OUT/"
+  if [ -d "$OUTDIR/server-logs" ]; then
+    for f in "$OUTDIR"/server-logs/*.log; do
+      [ -f "$f" ] || continue
+      echo "===== $(basename "$f") (first 150 and last 150 lines)"; head -150 "$f"; echo "....."; tail -150 "$f"
+    done > "$OUT/server-logs.txt"
+  fi
+}
+
+driver_running() { [ -f "$S/driver.pid" ] && kill -0 "$(cat "$S/driver.pid")" 2>/dev/null; }
+
+stage() {
+  local t0=$SECONDS
+  for d in .whl/parts/p*; do
+    [ -d "$d" ] || continue
+    for f in "$d"/*; do [ -f "$S/$(basename "$f")" ] || cp "$f" "$S/"; done
+    echo "staged $d: $(ls "$d" | tr '\n' ' ')"
+  done
+  if [ -f "$S/early.tar" ] && [ ! -f "$S/llmc.ok" ]; then
+    echo "== machine"; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,power.draw,temperature.gpu --format=csv
+    df -h / /tmp /dev/shm | sed 's/^/  /'; free -g | sed 's/^/  /'; nproc; python3 --version; python3 -m pip --version
+    python3 -c "import pyarrow, fsspec, huggingface_hub as h; print('pyarrow', pyarrow.__version__, 'fsspec', fsspec.__version__, 'hub', h.__version__)"
+    mkdir -p "$S/early" && tar -C "$S/early" -xf "$S/early.tar" || return 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-llmc \
+      "$S"/early/common/*.whl "$S"/early/llmc/*.whl >> "$S/stage.log" 2>&1 || { echo "llmc install FAILED"; tail -20 "$S/stage.log"; return 1; }
+    PYTHONPATH=/tmp/site-llmc python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__, 'compressed-tensors', compressed_tensors.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -3
+    touch "$S/llmc.ok"
+  fi
+  if [ -f "$S/llmc.ok" ] && ! driver_running && [ ! -f "$OUTDIR/DONE" ]; then
+    # Run from a copy: later calls re-sync the working tree under a running benchmark.
+    rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
+    ROOT=/tmp/bench
+    mkdir -p "$ROOT"
+    setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" drive \
+      --root "$ROOT" --out "$OUTDIR" --wait-for "$S/vllm.ok" "$@" > "$OUTDIR/driver.log" 2>&1 < /dev/null &
+    echo $! > "$S/driver.pid"
+    echo "benchmark started (pid $(cat "$S/driver.pid")), args: $*"
+  fi
+  if [ -f "$S/MANIFEST" ] && [ ! -f "$S/vllm.ok" ]; then
+    . "$S/MANIFEST"
+    have=$(ls "$S"/rest.tar.[0-9][0-9][0-9] 2>/dev/null | wc -l)
+    echo "parts: $have of $parts"
+    if [ "$have" -eq "$parts" ]; then
+      cat "$S"/rest.tar.[0-9][0-9][0-9] > "$S/rest.tar"
+      if [ "$(sha256sum "$S/rest.tar" | cut -d' ' -f1)" != "$rest_sha256" ]; then
+        echo "rest.tar checksum MISMATCH" | tee "$S/vllm.failed"; return 1
+      fi
+      rm -f "$S"/rest.tar.[0-9][0-9][0-9]
+      mkdir -p "$S/rest" && tar -C "$S/rest" -xf "$S/rest.tar" && rm -f "$S/rest.tar"
+      if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-vllm \
+          "$S"/early/common/*.whl "$S"/rest/bnb/*.whl "$S"/rest/vllm/*.whl >> "$S/stage.log" 2>&1 \
+        && cp bench/gpu/vllm_gemma4_compat.py /tmp/site-vllm/sitecustomize.py \
+        && PYTHONPATH=/tmp/site-vllm python3 -c "import vllm, bitsandbytes, compressed_tensors, sys; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__, 'compressed-tensors', compressed_tensors.__version__, 'gemma4 shim', any(type(h).__name__ == '_Hook' for h in sys.meta_path))" 2>&1 | tail -3; then
+        touch "$S/vllm.ok"
+      else
+        tail -20 "$S/stage.log" | tee "$S/vllm.failed"
+      fi
+    fi
+  fi
+  echo "== stage call took $((SECONDS - t0)) s; disk: $(df -h /tmp | tail -1 | awk '{print $4}') free"
+  [ -f "$OUTDIR/driver.log" ] && { echo "== driver.log (tail)"; tail -8 "$OUTDIR/driver.log"; }
+  [ -f "$OUTDIR/compress.log" ] && { echo "== compress.log (tail)"; grep -v "it/s]\|s/it]" "$OUTDIR/compress.log" | tail -4; }
+  collect
+}
+
+wait_for() {
+  local limit=${1:-540} t0=$SECONDS last=0
+  while driver_running && [ $((SECONDS - t0)) -lt "$limit" ]; do
+    sleep 5
+    n=$(wc -l < "$OUTDIR/driver.log" 2>/dev/null || echo 0)
+    if [ "$n" -gt "$last" ]; then sed -n "$((last + 1)),${n}p" "$OUTDIR/driver.log" | grep -v "^\s*$" | cut -c1-400; last=$n; fi
+  done
+  driver_running && echo "== still running after ${limit} s" || echo "== benchmark ended"
+  grep -v "it/s]\|s/it]" "$OUTDIR/compress.log" 2>/dev/null | grep "\[compress\]\|Error\|error" | tail -12
+  [ -f "$OUTDIR/results.md" ] && { echo "== results.md"; cat "$OUTDIR/results.md"; }
+  nvidia-smi --query-gpu=memory.used,power.draw,temperature.gpu --format=csv,noheader
+  collect
+}
+
+cmd=${1:-stage}; shift || true
+case "$cmd" in
+  stage) stage "$@" ;;
+  wait) wait_for "$@" ;;
+  *) echo "usage: $0 stage [drive args] | wait SECONDS"; exit 2 ;;
+esac
