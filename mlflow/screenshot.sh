@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Screenshots of the MLflow UI for a study, taken with headless Chromium (Debian's `chromium`):
-# the runs table of the study's experiment and the parent run's Pareto plot.
+# the study's feasible trials sorted by energy per request, and the parent run's Pareto plot.
+# SHOT_WIDTH sets the window width in pixels (default 1800).
 # Usage: mlflow/screenshot.sh HOME OUT_DIR [STUDY]
 set -euo pipefail
 home=$(cd "${1:?search home, e.g. .search}" && pwd)
@@ -26,9 +27,9 @@ PY
 shoot() {
   chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --user-data-dir="$(mktemp -d)" --hide-scrollbars \
-    --window-size=1600,1000 --virtual-time-budget=20000 --screenshot="$2" "$1" 2>/dev/null
+    --window-size=${SHOT_WIDTH:-1800},1000 --virtual-time-budget=20000 --screenshot="$2" "$1" 2>/dev/null
 }
 base="http://127.0.0.1:$port"
-shoot "$base/#/experiments/$experiment?searchFilter=&orderByKey=metrics.%60energy_j_per_request%60&orderByAsc=true" "$out/mlflow-runs.png"
+shoot "$base/#/experiments/$experiment/runs?searchFilter=tags.feasible%20%3D%20%27true%27&orderByKey=metrics.%60energy_j_per_request%60&orderByAsc=true" "$out/mlflow-runs.png"
 shoot "$base/#/experiments/$experiment/runs/$parent/artifacts/pareto.png" "$out/mlflow-pareto.png"
 echo "$out/mlflow-runs.png $out/mlflow-pareto.png"

@@ -118,6 +118,8 @@ def build(out_dir: str | Path, seed: int = 0, soft_tokens: int = DEFAULT_SOFT_TO
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
+    from search.compress.kv_shared import complete_kv_shared
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
@@ -133,6 +135,7 @@ def build(out_dir: str | Path, seed: int = 0, soft_tokens: int = DEFAULT_SOFT_TO
     model = Gemma4ForConditionalGeneration(config).to(torch.bfloat16).eval()
     model.generation_config.do_sample = False
     model.save_pretrained(out)
+    complete_kv_shared(out)  # what vLLM 0.26 (GPU) needs of the KV-shared layers
     save_processor(out, tokenizer, soft_tokens)
     return out
 

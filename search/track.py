@@ -57,8 +57,11 @@ class Tracker:
                 self._experiment_id = found.experiment_id
             else:
                 self.artifact_root.mkdir(parents=True, exist_ok=True)
+                # MLflow 3's UI opens an experiment of no declared kind on its GenAI (traces) pages;
+                # this kind opens it on the runs table, where trials are sorted and filtered.
                 self._experiment_id = self.client.create_experiment(
-                    self.study_name, artifact_location=self.artifact_root.resolve().as_uri())
+                    self.study_name, artifact_location=self.artifact_root.resolve().as_uri(),
+                    tags={"mlflow.experimentKind": "custom_model_development"})
         return self._experiment_id
 
     def parent_run_id(self) -> str:

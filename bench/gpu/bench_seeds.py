@@ -8,7 +8,7 @@ subcommand and interpreter environment, because llmcompressor and vLLM cannot sh
                                ~150M parameters; 280 soft tokens an image); no audio tower. Built in
                                bf16 directly on the GPU from a fixed seed, saved with a tokenizer
                                (262144 entries), chat template and image processor, then completed
-                               in the layout vLLM 0.26 loads (see `complete_kv_shared`).
+                               in the layout vLLM 0.26 loads (search.compress.kv_shared).
   compress  (compression env)  one checkpoint per configuration: the same seeded twin rebuilt on the
                                GPU, the project's recipe (search.compress.recipe.build_recipe), its
                                pipeline choice (pipeline_for: "basic" on Gemma 4) and its built-in
@@ -207,84 +207,6 @@ def param_counts(model) -> dict[str, float]:
     return {"params_total": total, "params_vision": vision, "params_embed_per_layer": per_layer_emb}
 
 
-def complete_kv_shared(ckpt: Path, add_projections: bool = True) -> list[str]:
-    """Write what vLLM 0.26 expects of Gemma 4's KV-shared layers and transformers 5.17 leaves out.
-
-    transformers 5.17 builds the last num_kv_shared_layers decoder layers without k_proj, v_proj and
-    k_norm (they reuse an earlier layer's K/V), so save_pretrained writes none. vLLM 0.26 builds
-    those layers like the others (a fused qkv_proj and a k_norm it never uses at run time) and
-    refuses a checkpoint without k_norm ("weights not initialized from checkpoint"); qkv_proj it
-    fills from q_proj alone and leaves the K/V part as uninitialised memory (for per-tensor FP8
-    that makes the merged scale garbage). Added here, in a separate file listed in the index:
-    k_norm = ones, and k_proj/v_proj in the checkpoint's own format, made from the same layer's
-    q_proj tensors (its first rows: the K/V output width; shapes, scales and zero points alike).
-    The K/V results of these layers are discarded by the model, so their values do not matter;
-    their cost is the same as vLLM's for any Gemma 4 checkpoint.
-    """
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    cfg = json.loads((ckpt / "config.json").read_text())
-    text = cfg.get("text_config", cfg)
-    n, shared = text["num_hidden_layers"], text.get("num_kv_shared_layers", 0)
-    if not shared:
-        return []
-    index_path = ckpt / "model.safetensors.index.json"
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        where = dict(index["weight_map"])
-    else:
-        index, where = None, {}
-        for f in sorted(ckpt.glob("*.safetensors")):
-            with safe_open(f, "pt") as h:
-                where.update({k: f.name for k in h.keys()})
-    prefix = next((k.split("layers.")[0] for k in where if ".layers.0.self_attn.q_proj" in k
-                   and "language_model" in k), "model.language_model.")
-    added: dict[str, torch.Tensor] = {}
-    handles: dict[str, object] = {}
-    with contextlib.ExitStack() as stack:
-        def tensor(key: str):
-            fname = where[key]
-            if fname not in handles:
-                handles[fname] = stack.enter_context(safe_open(ckpt / fname, "pt"))
-            return handles[fname].get_tensor(key)
-
-        for i in range(n - shared, n):
-            attn = f"{prefix}layers.{i}.self_attn."
-            # The layer's own head size, from its q_norm: transformers 5.17 saves the full-attention
-            # layers' global_head_dim (512) only as a per-layer override, not as a config key.
-            hd = tensor(attn + "q_norm.weight").shape[0]
-            if attn + "k_norm.weight" not in where:
-                added[attn + "k_norm.weight"] = torch.ones(hd, dtype=torch.bfloat16)
-            if not add_projections:
-                continue
-            q_keys = [k for k in where if k.startswith(attn + "q_proj.")]
-            q_out = text["num_attention_heads"] * hd
-            kv_out = text["num_key_value_heads"] * hd
-            for qk in q_keys:
-                suffix = qk[len(attn + "q_proj."):]
-                t = tensor(qk)
-                if suffix == "weight_shape":
-                    new = torch.tensor([kv_out, int(t[1])], dtype=t.dtype)
-                elif t.dim() >= 1 and t.shape[0] == q_out:
-                    new = t[:kv_out].clone()
-                else:
-                    new = t.clone()
-                for proj in ("k_proj", "v_proj"):
-                    key = f"{attn}{proj}.{suffix}"
-                    if key not in where:
-                        added[key] = new.clone()
-    if not added:
-        return []
-    fname = "model-kv-shared-completion.safetensors"
-    save_file(added, ckpt / fname, metadata={"format": "pt"})
-    if index is not None:
-        index["weight_map"].update({k: fname for k in added})
-        index_path.write_text(json.dumps(index, indent=2))
-    return sorted(added)
-
-
 def device_of_choice() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,6 +215,7 @@ def device_of_choice() -> str:
 def cmd_build(args) -> None:
     import torch
 
+    from search.compress.kv_shared import complete_kv_shared
     from search.toy_model import save_processor
 
     root = Path(args.root)
@@ -321,7 +244,7 @@ def cmd_build(args) -> None:
     model.save_pretrained(base, max_shard_size="4GB")
     tokenizer.save_pretrained(base)
     save_processor(base, tokenizer, SOFT_TOKENS)
-    added = complete_kv_shared(base, add_projections=True)
+    added = complete_kv_shared(base)
     t4 = time.perf_counter()
     size = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
     stats = {**counts, "logits_finite": finite, "tokenizer_s": t1 - t0, "build_s": t2 - t1,
@@ -367,6 +290,7 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
     from transformers import AutoTokenizer, Gemma4Config
 
     from search.compress.calibration import builtin_texts
+    from search.compress.kv_shared import complete_kv_shared
     from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
     from search.compress.worker import _CARRIED
 
@@ -410,7 +334,7 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
     for fname in _CARRIED:
         if (base / fname).exists():
             shutil.copy2(base / fname, out / fname)
-    added = complete_kv_shared(out, add_projections=True)
+    added = complete_kv_shared(out)
     t3 = time.perf_counter()
     stats = {"name": name, "pipeline": pipeline or "default", "calibration_samples": kwargs.get(
         "num_calibration_samples", 0), "calibration_seq_len": kwargs.get("max_seq_length", 0),

@@ -54,6 +54,7 @@ def run(spec: dict) -> dict:
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
 
+    from search.compress.kv_shared import complete_kv_shared
     from search.compress.structured import flap_prune, load_pretrained
 
     imported = time.perf_counter()
@@ -89,6 +90,8 @@ def run(spec: dict) -> dict:
     else:  # structured pruning alone: a plain bf16 checkpoint
         compressed = time.perf_counter()
         model.save_pretrained(out)
+    # vLLM 0.26 refuses Gemma 4 checkpoints without the KV-shared layers' k_norm (GPU machines run it).
+    kv_shared_added = len(complete_kv_shared(out))
     tokenizer.save_pretrained(out)
     for name in _CARRIED:
         if (base / name).exists():
@@ -96,7 +99,8 @@ def run(spec: dict) -> dict:
     shutil.copy2(spec["recipe_path"], out / "recipe.yaml")
     stats = {"import_s": imported - started, "load_s": loaded - imported, "prune_s": pruned - loaded,
              "oneshot_s": compressed - pruned, "save_s": time.perf_counter() - compressed,
-             "size_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()), **channel_counts}
+             "size_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+             "kv_shared_tensors_added": kv_shared_added, **channel_counts}
     (out / "compress_stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
