@@ -34,6 +34,12 @@ SCHEMES = [
                                                 "compress.prune.base": 0.1}),
     ("Wanda 2:4 (bf16)", {"compress.scheme": "none", "compress.prune.method": "wanda",
                           "compress.prune.mask_structure": "2:4"}),
+    ("FLAP 20% ramp_up (bf16, structured)", {"compress.scheme": "none", "compress.prune.method": "flap",
+                                              "compress.prune.base": 0.2, "compress.prune.shape": "ramp_up"}),
+    ("FLAP seed 004 profile + GPTQ w4a16", {"compress.scheme": "w4a16", "compress.method": "gptq",
+                                            "compress.actorder": "weight", "compress.targets": "mlp_o",
+                                            "compress.prune.method": "flap", "compress.prune.base": 0.1,
+                                            "compress.prune.shape": "ramp_down", "compress.prune.protect_last": 7}),
 ]
 
 

@@ -77,11 +77,20 @@ def measure(workers: int, trials: int, base: Path) -> dict:
         finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         per_stage, unaccounted = stage_seconds(finished)
         work = sum(per_stage.values()) + unaccounted
+        # Each worker's span from its first trial's start to its last one's end: what trials cost
+        # besides their stages. The rest of a worker's wall time is paid once per process.
+        by_worker: dict[str, list] = {}
+        for t in finished:
+            by_worker.setdefault(t.user_attrs.get("worker", "?"), []).append(t)
+        spans = sum((max(t.datetime_complete for t in ts) - min(t.datetime_start for t in ts)).total_seconds()
+                    for ts in by_worker.values())
         return {"workers": workers, "finished_trials": len(finished), "counts": counts(study),
                 "wall_s": round(max(walls), 1), "worker_wall_s_sum": round(sum(walls), 1),
                 "trial_work_s_sum": round(work, 1),
                 "orchestration_s_per_trial": round((sum(walls) - work) / len(finished), 2),
-                "orchestration_share": round((sum(walls) - work) / sum(walls), 4)}
+                "orchestration_share": round((sum(walls) - work) / sum(walls), 4),
+                "once_per_worker_s": round((sum(walls) - spans) / workers, 1),
+                "in_study_orchestration_s_per_trial": round((spans - work) / len(finished), 2)}
 
 
 def main() -> None:

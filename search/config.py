@@ -97,7 +97,9 @@ class CompressionConfig:
     method: QuantMethod = "rtn"
     group_size: int = 128
     symmetric: bool = True
-    actorder: Literal["none", "static", "group", "weight"] = "none"
+    # GPTQ activation ordering as compressed-tensors 0.19 has it: "static" is an alias of "weight";
+    # "group" (desc_act with a g_idx) was removed there, and llmcompressor refuses it.
+    actorder: Literal["none", "static", "weight"] = "none"
     targets: TargetSet = "attn_mlp"
     per_layer_inputs: bool = False  # quantize Gemma 4's per-layer-input projections too
     prune: PruneConfig = field(default_factory=PruneConfig)
