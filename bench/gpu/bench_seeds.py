@@ -89,6 +89,10 @@ PRESETS = {
     "gptq_fp8kv_001np": ("seed_001_sparsegpt_gptq_w4a16_fp8kv", {"compress.prune.method": "none"}),
     "w4a16_obs_003": ("seed_003_observer_w4a16", {}),
     "sgpt_gptq_001": ("seed_001_sparsegpt_gptq_w4a16_fp8kv", {}),
+    # Issue 9: structured FFN pruning (served through plugins/gemma4_pruned), alone and as seed 004.
+    "flap_bf16": ("seed_004_pruned_gptq_w4a16", {"compress.scheme": "none", "compress.method": "rtn",
+                                                 "compress.actorder": "none"}),
+    "flap_gptq_004": ("seed_004_pruned_gptq_w4a16", {}),
 }
 ORDER = ["bf16", "nf4_000", "fp8_002", "w4a16_obs_003", "gptq_fp8kv_001np", "sgpt_gptq_001"]
 LABELS = {
@@ -98,6 +102,8 @@ LABELS = {
     "w4a16_obs_003": "003 W4A16 observer (RTN) g128",
     "gptq_fp8kv_001np": "001 w/o pruning: GPTQ W4A16 g128 + FP8 KV",
     "sgpt_gptq_001": "001: SparseGPT 10% + GPTQ W4A16 + FP8 KV",
+    "flap_bf16": "FLAP seed-004 profile (bf16, pruned widths)",
+    "flap_gptq_004": "004: FLAP + GPTQ W4A16 on o_proj + MLP",
 }
 BENCH_SERVE = {
     "serve.max_model_len": 4096, "serve.max_num_seqs": 128, "serve.max_num_batched_tokens": 8192,
@@ -291,7 +297,8 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
 
     from search.compress.calibration import builtin_texts
     from search.compress.kv_shared import complete_kv_shared
-    from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
+    from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
+    from search.compress.structured import flap_prune
     from search.compress.worker import _CARRIED
 
     base, out = root / "base", root / f"ckpt-{name}"
@@ -309,12 +316,14 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
     model.config.name_or_path = str(base)  # oneshot re-reads the config from disk to validate the model
     tokenizer = AutoTokenizer.from_pretrained(base)
     kwargs: dict = {}
-    if needs_calibration(recipe):
+    widths = structured_widths(cfg, config.to_dict())
+    if needs_calibration(recipe) or widths:
         cal = cfg.calibration
         texts = builtin_texts(cal.n_samples, cal.seed)
         ds = datasets.Dataset.from_dict({"text": texts}).map(
             lambda row: tokenizer(row["text"], truncation=True, max_length=cal.seq_len,
                                   add_special_tokens=False), remove_columns=["text"])
+    if needs_calibration(recipe):
         kwargs = {"dataset": ds, "num_calibration_samples": len(texts), "max_seq_length": cal.seq_len,
                   "processor": tokenizer}
     pipeline = pipeline_for(recipe, config.to_dict())
@@ -324,11 +333,13 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
-    oneshot(model=model, recipe=str(recipe_path), **kwargs)
+    channels = flap_prune(model, (torch.tensor([ids]) for ids in ds["input_ids"]), widths) if widths else {}
+    if recipe:
+        oneshot(model=model, recipe=str(recipe_path), **kwargs)
     if device == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    model.save_pretrained(out, save_compressed=True, max_shard_size="4GB")
+    model.save_pretrained(out, save_compressed=bool(recipe), max_shard_size="4GB")
     reset_session()
     tokenizer.save_pretrained(out)
     for fname in _CARRIED:
@@ -341,7 +352,7 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
         "build_s": t1 - t0, "oneshot_s": t2 - t1, "save_s": t3 - t2, "size_bytes": dir_bytes(out),
         "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else 0.0,
         "kv_shared_tensors_added": len(added), "modifiers": list(recipe.get("default_stage", {}).get(
-            "default_modifiers", {}))}
+            "default_modifiers", {})), **channels}
     (out / "compress_stats.json").write_text(json.dumps(stats, indent=2))
     del model
     import gc

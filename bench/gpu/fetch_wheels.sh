@@ -5,6 +5,7 @@
 #   .whl/dl/common/  wheels both environments need (pydantic stack, loguru, dill)
 #   .whl/dl/llmc/    llmcompressor 0.14.0.1, compressed-tensors 0.19.0 and their missing deps
 #   .whl/dl/bnb/     bitsandbytes (CUDA 13.0 library only: the other CUDA/ROCm/XPU builds are removed)
+#   .whl/dl/plugin/  the project's vLLM plugin (plugins/gemma4_pruned), built here
 #   .whl/dl/vllm/    vLLM 0.26.0 and its extra wheels (bench/gpu/wheels-vllm.txt, a copy of
 #                    shared/gpu/vllm-0.26.0-extra-wheels.txt; the heavy optional kernels listed in
 #                    shared/gpu/README.md are left out), minus those moved to common/
@@ -50,10 +51,15 @@ for w in "$DL"/bnb/bitsandbytes-*.whl; do
     'bitsandbytes/libbitsandbytes_cpu.so' >/dev/null 2>&1 || true
 done
 
+# The project's vLLM plugin for structurally pruned checkpoints (vLLM finds it by its entry point,
+# so it is installed, not put on the path).
+mkdir -p "$DL/plugin" && rm -f "$DL"/plugin/*.whl
+python3 -m pip wheel -q --no-deps -w "$DL/plugin" plugins/gemma4_pruned
+
 # Pack: early.tar (common + llmc) goes whole in p00; rest.tar is cut into chunks around it.
 rm -rf .whl/parts .whl/pack && mkdir -p .whl/parts .whl/pack
 tar -C "$DL" -cf .whl/pack/early.tar common llmc
-tar -C "$DL" -cf .whl/pack/rest.tar bnb vllm
+tar -C "$DL" -cf .whl/pack/rest.tar bnb plugin vllm
 early=$(stat -c %s .whl/pack/early.tar)
 first=$((PART_BYTES - early - 4096))
 mkdir -p .whl/parts/p00
@@ -69,7 +75,7 @@ total=$((n + 1))
 { echo "parts=$total"; echo "rest_sha256=$(sha256sum .whl/pack/rest.tar | cut -d' ' -f1)";
   echo "rest_bytes=$(stat -c %s .whl/pack/rest.tar)"; } > .whl/parts/p00/MANIFEST
 rm -rf .whl/pack
-echo "wheels: common $(ls $DL/common | wc -l), llmc $(ls $DL/llmc | wc -l), bnb $(ls $DL/bnb | wc -l), vllm $(ls $DL/vllm | wc -l)"
+echo "wheels: common $(ls $DL/common | wc -l), llmc $(ls $DL/llmc | wc -l), bnb $(ls $DL/bnb | wc -l), plugin $(ls $DL/plugin | wc -l), vllm $(ls $DL/vllm | wc -l)"
 du -sh "$DL"/* | sed 's/^/  /'
 for d in .whl/parts/p*; do echo "$d $(du -cb "$d"/* | tail -1 | cut -f1) bytes"; done
 echo "$total parts; carry one per call: .whl/parts/p00 first"

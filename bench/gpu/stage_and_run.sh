@@ -6,7 +6,8 @@
 #       compression stack) it installs /tmp/site-llmc and starts the benchmark in the background
 #       (setsid: it outlives this call, not the machine), which builds the twin and compresses while
 #       the other parts arrive. Once every part is there it joins rest.tar with cat, checks it, and
-#       installs /tmp/site-vllm (vLLM 0.26.0, its extras, bitsandbytes); the benchmark waits for that.
+#       installs /tmp/site-vllm (vLLM 0.26.0, its extras, bitsandbytes, the project's plugin for
+#       structurally pruned checkpoints); the benchmark waits for that.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
 #
@@ -73,7 +74,7 @@ stage() {
       rm -f "$S"/rest.tar.[0-9][0-9][0-9]
       mkdir -p "$S/rest" && tar -C "$S/rest" -xf "$S/rest.tar" && rm -f "$S/rest.tar"
       if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-vllm \
-          "$S"/early/common/*.whl "$S"/rest/bnb/*.whl "$S"/rest/vllm/*.whl >> "$S/stage.log" 2>&1 \
+          "$S"/early/common/*.whl "$S"/rest/bnb/*.whl "$S"/rest/plugin/*.whl "$S"/rest/vllm/*.whl >> "$S/stage.log" 2>&1 \
         && cp bench/gpu/vllm_gemma4_compat.py /tmp/site-vllm/sitecustomize.py \
         && PYTHONPATH=/tmp/site-vllm python3 -c "import vllm, bitsandbytes, compressed_tensors, sys; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__, 'compressed-tensors', compressed_tensors.__version__, 'gemma4 shim', any(type(h).__name__ == '_Hook' for h in sys.meta_path))" 2>&1 | tail -3; then
         touch "$S/vllm.ok"
