@@ -53,7 +53,10 @@ def vllm_config(serve: ServeConfig, compress: CompressionConfig) -> dict[str, An
         # Seed 000: NF4 applied by vLLM while loading the bf16 checkpoint.
         args["quantization"] = "bitsandbytes"
         args["load-format"] = "bitsandbytes"
-    return args
+    # vLLM 0.26's --config loader drops `key: false` (0.32 turns it into --no-key), which would leave
+    # prefix caching and chunked prefill on: a false flag is written as its --no-key form instead.
+    return {(key if value is not False else f"no-{key}"): (True if value is False else value)
+            for key, value in args.items()}
 
 
 def free_port() -> int:

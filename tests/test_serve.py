@@ -24,7 +24,8 @@ def test_vllm_config_matches_engine_argument_names():
                         "serve.enable_prefix_caching": False, "compress.scheme": "bnb_nf4"})
     args = vllm_config(config.serve, config.compress)
     assert args["kv-cache-dtype"] == "fp8_e4m3" and args["max-num-batched-tokens"] == 4096
-    assert args["enable-prefix-caching"] is False  # written as --no-enable-prefix-caching by vLLM
+    # vLLM 0.26 ignores `enable-prefix-caching: false` in a --config file; the --no- form works in every version.
+    assert args["no-enable-prefix-caching"] is True and "enable-prefix-caching" not in args
     assert args["mm-processor-kwargs"] == {"max_soft_tokens": config.serve.image_soft_tokens}
     assert (args["quantization"], args["load-format"]) == ("bitsandbytes", "bitsandbytes")
 
@@ -38,11 +39,14 @@ def test_two_engine_configs_start_query_stop(serve_python, toy_model, tmp_path):
     prompts = workload.load_prompts(cfg.WorkloadConfig(n_requests=2), tmp_path / "data")
     pool = ServerPool(serve_python)
     seen = []
-    for i, engine in enumerate([_engine(max_num_seqs=4, kv_cache_dtype="auto"),
-                                _engine(max_num_seqs=2, kv_cache_dtype="fp8", max_model_len=2048)]):
+    for i, (engine, prefix_caching) in enumerate([
+            (_engine(max_num_seqs=4, kv_cache_dtype="auto"), True),
+            (_engine(max_num_seqs=2, kv_cache_dtype="fp8", max_model_len=2048, enable_prefix_caching=False), False)]):
         server, reused = pool.get(toy_model, engine, tmp_path / f"s{i}")
         assert not reused
         assert (tmp_path / f"s{i}" / "vllm_config.yaml").exists()
+        # The engine ran with what the file says, false flags included.
+        assert f"enable_prefix_caching={prefix_caching}" in server.log_path.read_text()
         assert "127.0.0.1" in server.base_url
         results = workload.run(server.base_url, server.served_name, prompts, cfg.WorkloadConfig(max_tokens=4))
         assert [r.error for r in results] == [None, None]
