@@ -54,7 +54,7 @@ done
 # The project's vLLM plugin for structurally pruned checkpoints (vLLM finds it by its entry point,
 # so it is installed, not put on the path).
 mkdir -p "$DL/plugin" && rm -f "$DL"/plugin/*.whl
-python3 -m pip wheel -q --no-deps -w "$DL/plugin" plugins/gemma4_pruned
+python3 -m pip wheel -q --no-deps -w "$DL/plugin" plugins/gemma4_pruned && rm -rf plugins/gemma4_pruned/build
 
 # Pack: early.tar (common + llmc) goes whole in p00; rest.tar is cut into chunks around it.
 rm -rf .whl/parts .whl/pack && mkdir -p .whl/parts .whl/pack
