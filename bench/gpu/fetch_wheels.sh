@@ -6,6 +6,7 @@
 #   .whl/dl/llmc/    llmcompressor 0.14.0.1, compressed-tensors 0.19.0 and their missing deps
 #   .whl/dl/bnb/     bitsandbytes (CUDA 13.0 library only: the other CUDA/ROCm/XPU builds are removed)
 #   .whl/dl/plugin/  the project's vLLM plugin (plugins/gemma4_pruned), built here
+#   .whl/dl/orch/    Optuna, MLflow and their requirements the image lacks (`search run` there)
 #   .whl/dl/vllm/    vLLM 0.26.0 and its extra wheels (bench/gpu/wheels-vllm.txt, a copy of
 #                    shared/gpu/vllm-0.26.0-extra-wheels.txt; the heavy optional kernels listed in
 #                    shared/gpu/README.md are left out), minus those moved to common/
@@ -51,6 +52,21 @@ for w in "$DL"/bnb/bitsandbytes-*.whl; do
     'bitsandbytes/libbitsandbytes_cpu.so' >/dev/null 2>&1 || true
 done
 
+# The orchestrator of `python -m search run` on the GPU machine (stage_and_run.sh product): Optuna,
+# MLflow and their requirements, less what the image (image-packages.txt) or the vLLM set has.
+norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
+rm -rf "$DL/orch" .whl/orch-all && mkdir -p "$DL/orch"
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux_2_27_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux1_x86_64 \
+  --platform manylinux_2_5_x86_64 -d .whl/orch-all optuna==5.0.0 mlflow==3.17.2
+have=$( (grep -v '^#' bench/gpu/image-packages.txt | tr ' ' '\n'; \
+         for f in "$DL"/vllm/*.whl "$DL"/common/*.whl; do norm "$(basename "$f" | cut -d- -f1)"; done) | grep .)
+for f in .whl/orch-all/*.whl; do
+  echo "$have" | grep -qx "$(norm "$(basename "$f" | cut -d- -f1)")" || mv "$f" "$DL/orch/"
+done
+rm -rf .whl/orch-all
+
 # The project's vLLM plugin for structurally pruned checkpoints (vLLM finds it by its entry point,
 # so it is installed, not put on the path).
 mkdir -p "$DL/plugin" && rm -f "$DL"/plugin/*.whl
@@ -59,7 +75,7 @@ python3 -m pip wheel -q --no-deps -w "$DL/plugin" plugins/gemma4_pruned && rm -r
 # Pack: early.tar (common + llmc) goes whole in p00; rest.tar is cut into chunks around it.
 rm -rf .whl/parts .whl/pack && mkdir -p .whl/parts .whl/pack
 tar -C "$DL" -cf .whl/pack/early.tar common llmc
-tar -C "$DL" -cf .whl/pack/rest.tar bnb plugin vllm
+tar -C "$DL" -cf .whl/pack/rest.tar bnb plugin orch vllm
 early=$(stat -c %s .whl/pack/early.tar)
 first=$((PART_BYTES - early - 4096))
 mkdir -p .whl/parts/p00
@@ -75,7 +91,7 @@ total=$((n + 1))
 { echo "parts=$total"; echo "rest_sha256=$(sha256sum .whl/pack/rest.tar | cut -d' ' -f1)";
   echo "rest_bytes=$(stat -c %s .whl/pack/rest.tar)"; } > .whl/parts/p00/MANIFEST
 rm -rf .whl/pack
-echo "wheels: common $(ls $DL/common | wc -l), llmc $(ls $DL/llmc | wc -l), bnb $(ls $DL/bnb | wc -l), plugin $(ls $DL/plugin | wc -l), vllm $(ls $DL/vllm | wc -l)"
+echo "wheels: common $(ls $DL/common | wc -l), llmc $(ls $DL/llmc | wc -l), bnb $(ls $DL/bnb | wc -l), plugin $(ls $DL/plugin | wc -l), orch $(ls $DL/orch | wc -l), vllm $(ls $DL/vllm | wc -l)"
 du -sh "$DL"/* | sed 's/^/  /'
 for d in .whl/parts/p*; do echo "$d $(du -cb "$d"/* | tail -1 | cut -f1) bytes"; done
 echo "$total parts; carry one per call: .whl/parts/p00 first"

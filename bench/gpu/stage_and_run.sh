@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine, from the repository root, once per `run` call (see bench/gpu/README.md).
 #
-#   bash bench/gpu/stage_and_run.sh stage [DRIVE_ARGS...]
+#   bash bench/gpu/stage_and_run.sh stage [--no-drive | DRIVE_ARGS...]
 #       Copies the carried part (.whl/parts/pNN) into /tmp/stage. With p00 (early.tar: the
 #       compression stack) it installs /tmp/site-llmc and starts the benchmark in the background
 #       (setsid: it outlives this call, not the machine), which builds the twin and compresses while
 #       the other parts arrive. Once every part is there it joins rest.tar with cat, checks it, and
 #       installs /tmp/site-vllm (vLLM 0.26.0, its extras, bitsandbytes, the project's plugin for
 #       structurally pruned checkpoints); the benchmark waits for that.
+#   bash bench/gpu/stage_and_run.sh product [TRIALS [search run options]]
+#       After every part is staged: `python -m search run` itself on the twin (GPU space, fidelity
+#       quality), the orchestrator from /tmp/site-orch, each environment through a wrapper script.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
 #
@@ -21,7 +24,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 collect() {  # results back through $OUT (at most 8 files)
   [ -n "${OUT:-}" ] || return 0
-  for f in results.md results.jsonl env.json driver.log compress.log; do
+  for f in results.md results.jsonl env.json driver.log compress.log product.log; do
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
   done
   [ -f "$S/stage.log" ] && cp "$S/stage.log" "$OUT/"
@@ -52,7 +55,9 @@ stage() {
     PYTHONPATH=/tmp/site-llmc python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__, 'compressed-tensors', compressed_tensors.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -3
     touch "$S/llmc.ok"
   fi
-  if [ -f "$S/llmc.ok" ] && ! driver_running && [ ! -f "$OUTDIR/DONE" ]; then
+  local drive=1
+  [ "${1:-}" = "--no-drive" ] && { drive=0; shift; }
+  if [ "$drive" = 1 ] && [ -f "$S/llmc.ok" ] && ! driver_running && [ ! -f "$OUTDIR/DONE" ]; then
     # Run from a copy: later calls re-sync the working tree under a running benchmark.
     rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
     ROOT=/tmp/bench
@@ -81,6 +86,10 @@ stage() {
       else
         tail -20 "$S/stage.log" | tee "$S/vllm.failed"
       fi
+      # The orchestrator's own packages, for `product` (kept apart: vLLM's pins are not its business).
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-orch \
+          "$S"/early/common/*.whl "$S"/rest/orch/*.whl >> "$S/stage.log" 2>&1 \
+        && PYTHONPATH=/tmp/site-orch python3 -c "import optuna, mlflow; print('optuna', optuna.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -3
     fi
   fi
   echo "== stage call took $((SECONDS - t0)) s; disk: $(df -h /tmp | tail -1 | awk '{print $4}') free"
@@ -90,11 +99,12 @@ stage() {
 }
 
 wait_for() {
-  local limit=${1:-540} t0=$SECONDS last=0
+  local limit=${1:-540} t0=$SECONDS last=0 log="$OUTDIR/driver.log"
+  [ -f "$OUTDIR/product.log" ] && log="$OUTDIR/product.log"
   while driver_running && [ $((SECONDS - t0)) -lt "$limit" ]; do
     sleep 5
-    n=$(wc -l < "$OUTDIR/driver.log" 2>/dev/null || echo 0)
-    if [ "$n" -gt "$last" ]; then sed -n "$((last + 1)),${n}p" "$OUTDIR/driver.log" | grep -v "^\s*$" | cut -c1-400; last=$n; fi
+    n=$(wc -l < "$log" 2>/dev/null || echo 0)
+    if [ "$n" -gt "$last" ]; then sed -n "$((last + 1)),${n}p" "$log" | grep -v "^\s*$" | cut -c1-400; last=$n; fi
   done
   driver_running && echo "== still running after ${limit} s" || echo "== benchmark ended"
   grep -v "it/s]\|s/it]" "$OUTDIR/compress.log" 2>/dev/null | grep "\[compress\]\|Error\|error" | tail -12
@@ -103,9 +113,29 @@ wait_for() {
   collect
 }
 
+product() {  # TRIALS [run options...]: the product's own pipeline on the twin (issue 8)
+  local trials=${1:-3}; shift || true
+  [ -f "$S/vllm.ok" ] || { echo "stage every part first (no $S/vllm.ok)"; return 1; }
+  rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
+  # Interpreters of the two environments, as --serve-python / --compress-python expect them.
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-vllm:%s exec python3 "$@"\n' "$CODE" > /tmp/py-serve
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-llmc:%s exec python3 "$@"\n' "$CODE" > /tmp/py-compress
+  chmod +x /tmp/py-serve /tmp/py-compress
+  [ -f /tmp/bench/base/BUILD_OK ] || PYTHONPATH="/tmp/site-llmc:$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" build \
+    --root /tmp/bench >> "$OUTDIR/compress.log" 2>&1 || { echo "twin build failed"; tail -5 "$OUTDIR/compress.log"; return 1; }
+  # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed.
+  (cd "$CODE" && setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
+    python3 -m search run --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
+    --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
+    --set workload.quality=fidelity --set workload.ignore_eos=true "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &
+    echo $! > "$S/driver.pid")
+  echo "product run started (pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
+}
+
 cmd=${1:-stage}; shift || true
 case "$cmd" in
   stage) stage "$@" ;;
+  product) product "$@" ;;
   wait) wait_for "$@" ;;
-  *) echo "usage: $0 stage [drive args] | wait SECONDS"; exit 2 ;;
+  *) echo "usage: $0 stage [drive args] | product [TRIALS [run options]] | wait SECONDS"; exit 2 ;;
 esac
