@@ -6,8 +6,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 
-from search.config import TrialConfig
-from search.config import Infeasible
+from search.config import Infeasible, TrialConfig
 
 
 @dataclass(frozen=True)

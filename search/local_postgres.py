@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
+
+from search.serve import free_port
 
 
 def server_binaries() -> Path | None:
@@ -19,12 +20,6 @@ def server_binaries() -> Path | None:
     root = Path("/usr/lib/postgresql")
     found = sorted(root.glob("*/bin")) if root.exists() else []
     return found[-1] if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -43,7 +38,7 @@ def cluster(base: Path) -> Iterator[str]:
             if parent == Path("/"):
                 break
             os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    port = _free_port()
+    port = free_port()
     subprocess.run(as_postgres + [str(binaries / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
                    check=True, capture_output=True)
     subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",

@@ -14,15 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from search import local_postgres
+from search.serve import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "workers_space.yaml"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port, timeout=60):
