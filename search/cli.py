@@ -177,8 +177,7 @@ def cmd_run(args) -> int:
     space = space_mod.load(args.space)
     overrides = _overrides(args.set)
     if overrides:
-        space = space_mod.Space(space.path, space.model, {**space.fixed, **overrides}, space.params,
-                                space.constraints, space.reference)
+        space = space.pinned(overrides)
         cfg.build(space.fixed)
     presets = space_mod.load_presets(DEFAULT_PRESETS)
     storage_url = _storage(args)

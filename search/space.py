@@ -86,9 +86,17 @@ class Space:
                 values[param.name] = param.suggest(trial)
         for key, value in preset.items():
             values.setdefault(key, value)
-        trial_config = cfg.build(values)
+        try:
+            trial_config = cfg.build(values)
+        except ConfigError as exc:  # a combination the space allows and the tool cannot run
+            raise Infeasible(f"invalid combination: {exc}") from None
         self.check(trial_config)
         return trial_config
+
+    def pinned(self, values: dict[str, Any]) -> Space:
+        """This space with `values` fixed for every trial; a pinned param is no longer searched."""
+        return Space(self.path, self.model, {**self.fixed, **values},
+                     tuple(p for p in self.params if p.name not in values), self.constraints, self.reference)
 
     def check(self, trial_config: cfg.TrialConfig) -> None:
         flat = trial_config.flat()
@@ -102,11 +110,15 @@ class Space:
         return cfg.build({**self.fixed, **self.reference, "compress.scheme": "none"})
 
     def enqueue_params(self, preset: dict[str, Any]) -> dict[str, Any]:
-        """The part of a preset that lies inside this space's distributions (what Optuna can enqueue)."""
+        """A preset as Optuna can enqueue it: its values that lie inside this space's distributions,
+        and for the params it does not name, the reference configuration's values. A seed changes
+        what its card says and nothing else; the sampler does not fill its gaps at random."""
+        reference = self.reference_config().flat()
         out = {}
         for param in self.params:
-            if param.name in preset and _contains(param.distribution(), preset[param.name]):
-                out[param.name] = preset[param.name]
+            value = preset[param.name] if param.name in preset else reference.get(param.name)
+            if _contains(param.distribution(), value):
+                out[param.name] = value
         return out
 
 

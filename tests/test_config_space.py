@@ -98,8 +98,14 @@ def test_presets_are_valid_configs():
         cfg.build(values)
     space = space_mod.load(PROJECT / "spaces" / "default.yaml")
     seed_003 = presets["seed_003_observer_w4a16"]
-    assert space.enqueue_params(seed_003) == {"compress.scheme": "w4a16", "compress.method": "rtn",
-                                              "compress.group_size": 128, "compress.targets": "attn_mlp"}
+    enqueued = space.enqueue_params(seed_003)
+    assert {k: enqueued[k] for k in ("compress.scheme", "compress.method", "compress.group_size",
+                                     "compress.targets")} == {"compress.scheme": "w4a16", "compress.method": "rtn",
+                                                              "compress.group_size": 128, "compress.targets": "attn_mlp"}
+    # What the seed's card leaves open is the reference's, not the sampler's: no pruning, auto KV.
+    reference = space.reference_config().flat()
+    assert enqueued["compress.prune.method"] == "none" and enqueued["serve.kv_cache_dtype"] == "auto"
+    assert all(enqueued[k] == reference[k] for k in enqueued if k not in seed_003)
     # Seed 002's FP8 scheme and max_model_len 4096 lie outside the CPU space: not enqueued, yet the
     # trial runs them as the seed had them; the space's fixed settings still win.
     seed_002 = presets["seed_002_fp8_weights_fp8kv"]
@@ -135,3 +141,33 @@ def test_cli_bad_input_fails_fast_with_one_line(argv, message, tmp_path):
     assert message in lines[-1]
     assert "secret" not in proc.stderr
     assert elapsed < 10  # process start + imports; the check itself is what must not do heavy work
+
+
+def test_gpu_space_runs_every_seed_preset_as_its_card_says():
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml")
+    presets = space_mod.load_presets(PROJECT / "spaces" / "presets" / "seeds.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    configs = {}
+    for name, values in presets.items():
+        study.enqueue_trial(space.enqueue_params(values))
+        configs[name] = space.sample(study.ask(), values)
+    assert configs["bf16_reference"] == space.reference_config()
+    nf4 = configs["seed_000_bnb_nf4"]
+    assert (nf4.compress.scheme, nf4.compress.prune.method, nf4.serve.max_num_seqs) == ("bnb_nf4", "none", 128)
+    seed_001 = configs["seed_001_sparsegpt_gptq_w4a16_fp8kv"]
+    assert (seed_001.serve.max_num_seqs, seed_001.serve.max_model_len) == (1024, 20000)
+
+
+def test_a_combination_the_tool_cannot_run_is_infeasible_not_failed():
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml")
+    study = optuna.create_study()
+    study.enqueue_trial({"compress.scheme": "bnb_nf4"})
+    with pytest.raises(space_mod.Infeasible, match="invalid combination: bnb_nf4"):
+        space.sample(study.ask(), {"compress.scheme": "bnb_nf4", "compress.prune.method": "sparsegpt",
+                                   "compress.prune.base": 0.1})
+
+
+def test_a_pinned_param_is_no_longer_searched():
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml").pinned({"serve.max_num_seqs": 128})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert {space.sample(study.ask()).serve.max_num_seqs for _ in range(10)} == {128}

@@ -10,7 +10,7 @@
 #       structurally pruned checkpoints); the benchmark waits for that.
 #   bash bench/gpu/stage_and_run.sh product [TRIALS [search run options]]
 #       After every part is staged: `python -m search run` itself on the twin (GPU space, fidelity
-#       quality), the orchestrator from /tmp/site-orch, each environment through a wrapper script.
+#       quality), the orchestrator from /tmp/site-orch + /tmp/site-vllm, each environment through a wrapper script.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
 #
@@ -22,12 +22,19 @@ CODE=/tmp/bench-code
 mkdir -p "$S" "$OUTDIR"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
-collect() {  # results back through $OUT (at most 8 files)
+collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a product run 5)
   [ -n "${OUT:-}" ] || return 0
   for f in results.md results.jsonl env.json driver.log compress.log product.log; do
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
   done
   [ -f "$S/stage.log" ] && cp "$S/stage.log" "$OUT/"
+  if [ -f /tmp/product/optuna.db ]; then  # the product's study: its status, export and stores
+    local orch="PYTHONPATH=/tmp/site-orch:/tmp/site-vllm:$CODE"
+    (cd "$CODE" && env "$orch" python3 -m search status --home /tmp/product > "$OUT/product-status.txt" 2>&1
+     rm -rf "$OUTDIR/product-export" && env "$orch" python3 -m search export --home /tmp/product \
+       --out "$OUTDIR/product-export" >> "$OUT/product-status.txt" 2>&1)
+    tar -czf "$OUT/product-study.tgz" --exclude=cache -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
+  fi
   if [ -d "$OUTDIR/server-logs" ]; then
     for f in "$OUTDIR"/server-logs/*.log; do
       [ -f "$f" ] || continue
@@ -86,10 +93,11 @@ stage() {
       else
         tail -20 "$S/stage.log" | tee "$S/vllm.failed"
       fi
-      # The orchestrator's own packages, for `product` (kept apart: vLLM's pins are not its business).
+      # The orchestrator's own packages, for `product`: only what neither the image nor the vLLM set
+      # has, so the orchestrator runs on both targets (MLflow needs the set's opentelemetry).
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-orch \
           "$S"/early/common/*.whl "$S"/rest/orch/*.whl >> "$S/stage.log" 2>&1 \
-        && PYTHONPATH=/tmp/site-orch python3 -c "import optuna, mlflow; print('optuna', optuna.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -3
+        && PYTHONPATH=/tmp/site-orch:/tmp/site-vllm python3 -c "import optuna, mlflow; print('optuna', optuna.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -3
     fi
   fi
   echo "== stage call took $((SECONDS - t0)) s; disk: $(df -h /tmp | tail -1 | awk '{print $4}') free"
@@ -124,7 +132,7 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   [ -f /tmp/bench/base/BUILD_OK ] || PYTHONPATH="/tmp/site-llmc:$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" build \
     --root /tmp/bench >> "$OUTDIR/compress.log" 2>&1 || { echo "twin build failed"; tail -5 "$OUTDIR/compress.log"; return 1; }
   # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed.
-  (cd "$CODE" && setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
+  (cd "$CODE" && setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
     python3 -m search run --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
     --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
     --set workload.quality=fidelity --set workload.ignore_eos=true "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &

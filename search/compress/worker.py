@@ -60,7 +60,10 @@ def run(spec: dict) -> dict:
     imported = time.perf_counter()
     base, out = Path(spec["base_model"]), Path(spec["out_dir"])
     trust = spec.get("trust_remote_code", False)
-    model = load_pretrained(base, dtype="auto", trust_remote_code=trust)
+    # On a GPU machine the model is compressed there: GPTQ or SparseGPT of a full-size model on the
+    # CPU takes hours. Gemma 4 runs the "basic" pipeline, which needs the whole model on one device.
+    device_map = "cuda" if torch.cuda.is_available() else None
+    model = load_pretrained(base, dtype="auto", trust_remote_code=trust, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     ffn_widths = spec.get("ffn_widths")  # structured pruning's per-layer widths, or None
     kwargs = {}
@@ -105,6 +108,14 @@ def run(spec: dict) -> dict:
     return stats
 
 
+def _release_gpu_cache() -> None:
+    """This process outlives its jobs: the server that serves the result needs the GPU memory."""
+    if "torch" in sys.modules:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def serve() -> None:
     """One spec path per stdin line -> one JSON reply line; each job's output goes to its log file."""
     replies = os.fdopen(os.dup(1), "w")
@@ -122,6 +133,7 @@ def serve() -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 gc.collect()
+                _release_gpu_cache()
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 
