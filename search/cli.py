@@ -170,10 +170,16 @@ def resolve_model(model: str, home: Path, serve_python: str) -> Path:
     raise ValueError(f"model path does not exist: {model}")
 
 
+class ReferenceFailed(RuntimeError):
+    """The uncompressed reference run failed: no trial can be scored, so the run stops."""
+
+
 def cmd_run(args) -> int:
     from search import config as cfg
     from search import space as space_mod
 
+    if not 0.0 <= args.gate <= 1.0:
+        raise ValueError(f"--gate is a fraction of the reference's quality: {args.gate} is not in [0, 1]")
     space = space_mod.load(args.space)
     overrides = _overrides(args.set)
     if overrides:
@@ -215,8 +221,12 @@ def cmd_run(args) -> int:
     try:
         fingerprint = model_fingerprint(model, cache.root / "fingerprints")
         started = time.perf_counter()
-        baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
-                                                   progress.stage)
+        try:
+            baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
+                                                       progress.stage)
+        except Exception as exc:  # no trial can be scored without the reference: stop, saying why
+            raise ReferenceFailed(f"the reference (uncompressed) run failed, logs in {runtime.workdir}: "
+                               f"{type(exc).__name__}: {exc}") from None
         study.set_user_attr("baseline_s", study.user_attrs.get("baseline_s", 0.0) + time.perf_counter() - started)
         tracker.log_study(
             {"space": str(args.space), "model": args.model or space.model, "sampler": args.sampler, "seed": args.seed,
@@ -311,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ReferenceFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: the running trial is recorded as failed and is retried on the next run",
               file=sys.stderr)

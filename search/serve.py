@@ -124,9 +124,21 @@ class Server:
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + 15
-        while port_in_use(self.port) and time.monotonic() < deadline:
+        # SIGKILL lands asynchronously: the engine and workers can outlive this call by a moment.
+        while (port_in_use(self.port) or _running(self._pids_at_start)) and time.monotonic() < deadline:
             time.sleep(0.2)
         wait_gpu_released(self._pids_at_start)
+
+
+def _running(pids: list[int]) -> bool:
+    import psutil
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
 
 
 def gpu_processes() -> set[int] | None:

@@ -119,10 +119,14 @@ def test_awq_needs_an_accelerator_and_says_so(toy_model, tmp_path, compressor):
 def test_cache_hit_reuses_and_reports_time_saved(toy_model, tmp_path, compressor):
     cache = CheckpointCache(tmp_path / "cache")
     config = cfg.build({"compress.scheme": "fp8_dynamic", "serve.max_num_seqs": 4}).compress
-    first = compress(config, toy_model, cache, compressor, "test", tmp_path / "a.log")
+    room_made = []
+    first = compress(config, toy_model, cache, compressor, "test", tmp_path / "a.log",
+                     make_room=lambda: room_made.append("a"))
     second = compress(cfg.build({"compress.scheme": "fp8_dynamic", "serve.max_num_seqs": 8}).compress,
-                      toy_model, cache, compressor, "test", tmp_path / "b.log")
+                      toy_model, cache, compressor, "test", tmp_path / "b.log",
+                      make_room=lambda: room_made.append("b"))
     assert second.cache_hit and second.checkpoint == first.checkpoint
+    assert room_made == ["a"]  # the last trial's server is stopped for a real compression only
     assert second.saved_seconds > 0
     other_version = compress(config, toy_model, cache, compressor, "other-llmcompressor", tmp_path / "c.log")
     assert not other_version.cache_hit
@@ -227,3 +231,24 @@ def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, toy
     else:
         # The project predicted this failure before any work; vLLM agrees.
         assert not loaded["ok"], f"{family} loads in vLLM's CPU build, yet is declared infeasible: {expected_reason}"
+
+
+def test_kv_shared_completion_follows_the_layers_q_proj_into_the_ignore_list(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from search.compress.kv_shared import complete_kv_shared
+
+    layer = "model.language_model.layers.{}.self_attn."
+    config = {"text_config": {"num_hidden_layers": 2, "num_kv_shared_layers": 1, "num_attention_heads": 2,
+                              "num_key_value_heads": 1},
+              "quantization_config": {"ignore": [layer.format(1) + "q_proj", "lm_head"]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({layer.format(i) + name: torch.ones(shape, dtype=torch.bfloat16)
+               for i in (0, 1) for name, shape in (("q_norm.weight", (4,)), ("q_proj.weight", (8, 6)))},
+              tmp_path / "model.safetensors")
+    added = complete_kv_shared(tmp_path)
+    assert layer.format(1) + "k_proj.weight" in added and layer.format(0) + "k_proj.weight" not in added
+    ignore = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+    # Left out, vLLM would read the added K/V as quantized and refuse the fused qkv_proj.
+    assert {layer.format(1) + "k_proj", layer.format(1) + "v_proj"} <= set(ignore)

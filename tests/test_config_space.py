@@ -129,6 +129,7 @@ def test_presets_are_valid_configs():
     (["run", "--space", "/nonexistent.yaml"], "space file not found"),
     (["run", "--model", "/nonexistent/model"], "model path does not exist"),
     (["run", "--set", "compress.scheme=w3a16"], "unknown value 'w3a16'"),
+    (["run", "--gate", "80"], "80.0 is not in [0, 1]"),
     (["run", "--storage", "postgresql://u:secret@127.0.0.1:9/db"], "cannot reach storage"),
 ])
 def test_cli_bad_input_fails_fast_with_one_line(argv, message, tmp_path):

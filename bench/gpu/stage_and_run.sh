@@ -33,7 +33,11 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
     (cd "$CODE" && env "$orch" python3 -m search status --home /tmp/product > "$OUT/product-status.txt" 2>&1
      rm -rf "$OUTDIR/product-export" && env "$orch" python3 -m search export --home /tmp/product \
        --out "$OUTDIR/product-export" >> "$OUT/product-status.txt" 2>&1)
-    tar -czf "$OUT/product-study.tgz" --exclude=cache -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
+    tar -czf "$OUT/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
+      -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
+    if [ "$(stat -c %s "$OUT/product-study.tgz")" -gt 15000000 ]; then  # $OUT takes 16 MiB a file
+      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db -C "$OUTDIR" product-export
+    fi
   fi
   if [ -d "$OUTDIR/server-logs" ]; then
     for f in "$OUTDIR"/server-logs/*.log; do
@@ -132,11 +136,14 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   [ -f /tmp/bench/base/BUILD_OK ] || PYTHONPATH="/tmp/site-llmc:$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" build \
     --root /tmp/bench >> "$OUTDIR/compress.log" 2>&1 || { echo "twin build failed"; tail -5 "$OUTDIR/compress.log"; return 1; }
   # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed.
-  (cd "$CODE" && setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
+  # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
+  cd "$CODE" || return 1
+  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
     python3 -m search run --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
     --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
     --set workload.quality=fidelity --set workload.ignore_eos=true "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &
-    echo $! > "$S/driver.pid")
+  echo $! > "$S/driver.pid"
+  cd "$OLDPWD" || return 1
   echo "product run started (pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
 }
 

@@ -77,6 +77,7 @@ def complete_kv_shared(ckpt: Path) -> list[str]:
                     key = f"{attn}{proj}.{suffix}"
                     if key not in where:
                         added[key] = new.clone()
+    _ignore_like_q_proj(ckpt, cfg, prefix, range(n - shared, n))
     if not added:
         return []
     fname = "model-kv-shared-completion.safetensors"
@@ -85,3 +86,20 @@ def complete_kv_shared(ckpt: Path) -> list[str]:
         index["weight_map"].update({k: fname for k in added})
         index_path.write_text(json.dumps(index, indent=2))
     return sorted(added)
+
+
+def _ignore_like_q_proj(ckpt: Path, cfg: dict, prefix: str, layers: range) -> None:
+    """compressed-tensors lists the modules it left unquantized by name, and the KV-shared layers had
+    no k_proj/v_proj to list: where such a layer's q_proj is ignored, vLLM would take the added
+    k_proj/v_proj as quantized ("different quantization schemes" in the fused qkv_proj)."""
+    quant = cfg.get("quantization_config") or {}
+    ignore = quant.get("ignore")
+    if not ignore:
+        return
+    listed = set(ignore)
+    for i in layers:
+        attn = f"{prefix}layers.{i}.self_attn."
+        if attn + "q_proj" in listed:
+            ignore += [attn + p for p in ("k_proj", "v_proj") if attn + p not in listed]
+    if len(ignore) > len(listed):
+        (ckpt / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

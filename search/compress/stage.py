@@ -7,6 +7,7 @@ import json
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,10 @@ class Compressor:
 
 
 def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache, compressor: Compressor,
-             llmcompressor_version: str, log_path: Path, timeout_s: float = 3600) -> CompressResult:
+             llmcompressor_version: str, log_path: Path, timeout_s: float = 3600,
+             make_room: Callable[[], None] = lambda: None) -> CompressResult:
+    """The checkpoint of `config`, from the cache or made now; `make_room` runs just before a real
+    compression (on a GPU machine the idle server of the last trial holds 90% of the memory)."""
     started = time.perf_counter()
     model_config = json.loads((base_model / "config.json").read_text())
     num_layers = model_config.get("text_config", model_config)["num_hidden_layers"]
@@ -117,6 +121,7 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
                 "calibration": flatten(config.calibration), "ffn_widths": ffn_widths}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
+        make_room()
         t0 = time.perf_counter()
         stats = compressor.run(spec_path, log_path, timeout_s)
         return {**stats, "compress_seconds": time.perf_counter() - t0}
