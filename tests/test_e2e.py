@@ -103,3 +103,15 @@ def test_trial_over_its_time_budget_fails_and_the_study_goes_on(study_home, serv
     assert len([t for t in trials if t.state.is_finished()]) == 6
     timed_out = [t for t in trials[4:] if t.state == optuna.trial.TrialState.FAIL]
     assert timed_out and all("time budget of 3 s" in t.user_attrs["reason"] for t in timed_out)
+
+
+def test_a_trial_pruned_early_keeps_the_energy_of_its_measured_window(tmp_path, serve_python, main_python):
+    """At gate 1.0 only a model identical to the reference can pass: the first half of the workload
+    prunes seed 001, and the window it measured stays in the record."""
+    run_cli(tmp_path, "run", "--trials", "3", "--space", str(SPACE), "--warm-start", "seeds", "--gate", "1.0",
+            "--serve-python", serve_python, "--compress-python", main_python)
+    seed_001 = load(tmp_path).get_trials()[2]
+    assert seed_001.state == optuna.trial.TrialState.PRUNED and not seed_001.user_attrs["infeasible"]
+    assert "can reach at most" in seed_001.user_attrs["reason"]
+    window = seed_001.user_attrs["stage_times"]
+    assert window["first_window_energy_j"] > 0 and window["first_window_energy_j_per_request"] > 0
