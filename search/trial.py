@@ -195,7 +195,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     done = timed("compress")
     result = compress(config.compress, runtime.base_model, runtime.cache, runtime.compressor,
                       runtime.platform.llmcompressor_version, workdir / "compress.log",
-                      make_room=runtime.pool.discard)
+                      make_room=runtime.pool.close)
     done()
     if (workdir / "compress.log").exists():
         artifacts.append(workdir / "compress.log")
@@ -256,7 +256,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
                 first_part_s = times["time_workload_1_s"] + times["time_quality_1_s"]
                 times["pruning_saved_s"] = first_part_s * (len(prompts) - split) / split
                 # The first window was measured: a pruned trial keeps its energy, named as partial.
-                tokens = sum(r.completion_tokens for r in results if not r.error)
+                tokens = int(workload.summarize(results, readings[0].duration_s)["completion_tokens"])
                 times.update({f"first_window_{k}": v for k, v in readings[0].as_metrics(len(results), tokens).items()})
                 raise
 
