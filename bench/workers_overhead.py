@@ -30,8 +30,8 @@ import optuna  # noqa: E402
 from summarize_study import stage_seconds  # noqa: E402
 
 from search import local_postgres  # noqa: E402
-from search.serve import free_port  # noqa: E402
-from search.study import counts  # noqa: E402
+from search.net import free_port  # noqa: E402
+from search.summaries import counts  # noqa: E402
 
 SPACE = PROJECT / "tests" / "data" / "workers_space.yaml"
 VENV_BIN = PROJECT / ".venvs" / "main" / "bin"

@@ -3,6 +3,8 @@
 # --mlflow-uri http://HOST:5000). Single-machine studies need none of this: they log to
 # sqlite:///.search/mlflow.db, which `mlflow ui` reads directly (see mlflow/README.md).
 # Usage: mlflow/server.sh BACKEND_URI ARTIFACT_ROOT [HOST] [PORT]
+# HOST is 127.0.0.1 unless given: the server has no authentication, so put some in front of it
+# before it listens on a wider address (mlflow/README.md, "Many workers").
 set -euo pipefail
 backend=${1:?backend store URI, e.g. postgresql://mlflow@db/mlflow or sqlite:///mlflow.db}
 artifacts=${2:?artifact root, e.g. /shared/mlartifacts}

@@ -61,10 +61,26 @@ def _argmax(position: dict[str, float]) -> str:
     return max(position.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
 
-def top1_agreement(baseline_positions: Sequence[Position], trial_positions: Sequence[Position]) -> float:
-    """Fraction of positions (present on both sides) where both models' most likely token agrees."""
+def top1_agreement(baseline_positions: Sequence[Position], trial_positions: Sequence[Position],
+                   missed_tail: int = 0) -> float:
+    """Fraction of positions (present on both sides) where both models' most likely token agrees.
+
+    The last ``missed_tail`` positions count as disagreements whatever their logprobs: answer tokens
+    past a trial's token budget, which it would never have generated."""
     pairs = _pairs(baseline_positions, trial_positions)
-    return sum(_argmax(b) == _argmax(t) for b, t in pairs) / len(pairs)
+    # Positions at or after `first_missed` are in the tail; pairs skip None positions, so count by index.
+    first_missed = len(baseline_positions) - max(0, missed_tail)
+    kept = sum(1 for b, t in zip(baseline_positions[:max(0, first_missed)], trial_positions)
+               if _parse(b) is not None and _parse(t) is not None)
+    return sum(_argmax(b) == _argmax(t) for b, t in pairs[:kept]) / len(pairs)
+
+
+def common_suffix(baseline_positions: Sequence[Position], trial_positions: Sequence[Position]
+                  ) -> tuple[list[Position], list[Position]]:
+    """The positions both prompts end with, when one prompt has a longer prefix than the other (a
+    system turn the trial adds or changes): the last min(len) positions of each."""
+    n = min(len(baseline_positions), len(trial_positions))
+    return list(baseline_positions[len(baseline_positions) - n:]), list(trial_positions[len(trial_positions) - n:])
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

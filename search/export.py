@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+import yaml
+
+from search.config import TrialConfig, flatten
+from search.summaries import measured
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ def pareto_front(points: list[Point]) -> list[Point]:
 
 def points(study: optuna.Study) -> list[Point]:
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in measured(study):
         metrics = t.user_attrs.get("metrics", {})
         out.append(Point(t.number, t.values[0], metrics.get("recovery_mean", 0.0), bool(t.user_attrs.get("feasible"))))
     return out
@@ -51,6 +54,22 @@ def _rebuild_command(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> st
     sets = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in sorted(config.items())
                     if k.startswith("compress."))
     return f"python -m search compress --model {shlex.quote(study.user_attrs.get('model', 'MODEL'))} {sets} --out CHECKPOINT"
+
+
+def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Path | None) -> dict[str, Any]:
+    """A trial's engine arguments plus its request-level settings as the server's defaults, so that a
+    request naming only its messages is answered as the trial's were: the verbosity's system turn
+    (a chat template that adds it), thinking (default chat-template kwargs), max_tokens and the
+    decoding policy (vLLM's generation-config override). Per-request seeds are not deployable."""
+    config = {**flatten(TrialConfig()), **config}  # a record may hold only the options it set
+    sampling = {"temperature": 0.0} if config["workload.decoding"] == "greedy" else {
+        "temperature": config["workload.temperature"], "top_p": config["workload.top_p"],
+        "top_k": config["workload.top_k"]}
+    out = {**engine, "override-generation-config": {**sampling, "max_new_tokens": config["workload.max_tokens"]},
+           "default-chat-template-kwargs": {"enable_thinking": config["workload.thinking"]}}
+    if chat_template is not None:
+        out["chat-template"] = str(chat_template)
+    return out
 
 
 def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
@@ -67,15 +86,21 @@ def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
         folder = out_dir / f"trial-{t.number:04d}"
         folder.mkdir(exist_ok=True)
         workdir = Path(t.user_attrs.get("workdir", ""))
-        for name in ("vllm_config.yaml", "recipe.yaml"):
+        for name in ("recipe.yaml", "chat_template.jinja"):
             if (workdir / name).exists():
                 shutil.copy2(workdir / name, folder / name)
+        if (workdir / "vllm_config.yaml").exists():
+            template = folder / "chat_template.jinja"
+            engine = deployable(yaml.safe_load((workdir / "vllm_config.yaml").read_text()),
+                                t.user_attrs.get("config", {}), template.resolve() if template.exists() else None)
+            (folder / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
         (folder / "README.md").write_text(
             f"# Trial {t.number} ({'feasible' if point.feasible else 'infeasible'})\n\n"
             f"energy {point.energy:.6g} J/request ({row['energy_source']}), mean recovery {point.recovery:.4f}\n\n"
             "Rebuild the checkpoint (recipe.yaml holds the exact llmcompressor recipe):\n\n"
             f"    {_rebuild_command(t, study)}\n\n"
-            "Serve it as the trial did:\n\n    vllm serve CHECKPOINT --config vllm_config.yaml\n")
+            "Serve it as the trial did (its system turn, thinking, max_tokens and sampling are the server's "
+            "defaults; a request's own values win):\n\n    vllm serve CHECKPOINT --config vllm_config.yaml\n")
     columns = sorted({k for row in rows for k in row}, key=lambda k: (k.count("."), k))
     with open(out_dir / "pareto.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -136,7 +161,7 @@ def figures(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
         fig.savefig(made["history"], dpi=110)
         plt.close(fig)
 
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = measured(study)
     ratios = [(t.number, t.user_attrs["metrics"]["floor_ratio"], bool(t.user_attrs.get("feasible")))
               for t in complete if "floor_ratio" in t.user_attrs.get("metrics", {})]
     if ratios:
@@ -145,9 +170,10 @@ def figures(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
                    c=["#1f77b4" if r[2] else "#bbbbbb" for r in ratios], s=20)
         ax.set_yscale("log")
         ax.set_xlabel("trial")
-        ax.set_ylabel("measured energy / hardware floor")
+        ax.set_ylabel("measured energy / roofline at TDP")
         estimated = any(t.user_attrs.get("energy_source") == "estimate" for t in complete)
-        ax.set_title("distance to the physical floor" + (" (against estimated energy)" if estimated else ""))
+        ax.set_title("distance to the data sheet's roofline at TDP (not a lower bound)" +
+                     (" (against estimated energy)" if estimated else ""))
         fig.tight_layout()
         made["floor"] = out_dir / "floor_ratio.png"
         fig.savefig(made["floor"], dpi=110)

@@ -1,12 +1,37 @@
-"""What the present hardware and vLLM build can run, checked before any compression starts."""
+"""What the present hardware and vLLM build can run, checked before any compression starts.
+
+The facts come from the build itself: the serving environment is asked which GPU NVML sees and,
+on a CPU machine, which instruction sets torch reports (the checks vLLM's CPU backend makes) and
+which `_C::` kernels the library vLLM loads for this CPU registers. Rules here only name what each
+scheme needs; whether this machine has it is the probe's answer.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from search.config import Infeasible, TrialConfig
+from search.models import DEFAULT, ModelFamily
+
+
+@dataclass(frozen=True)
+class CpuBuild:
+    """What vLLM's CPU backend sees on this machine."""
+
+    isa: str  # torch's CPU capability: "AVX512", "AVX2", "DEFAULT"
+    avx512: bool
+    amx: bool
+    kernel_library: str  # the vLLM library vLLM's CPU platform loaded here, e.g. "_C_AVX2"
+    kernels: frozenset[str] = field(default_factory=frozenset)  # `_C::` ops with a CPU kernel
+
+    def describe(self) -> str:
+        if self.amx:
+            return "AVX-512 and AMX"
+        return "AVX-512, no AMX" if self.avx512 else f"{self.isa}, no AVX-512 or AMX"
 
 
 @dataclass(frozen=True)
@@ -19,6 +44,7 @@ class Platform:
     compress_device: str  # where llmcompressor runs: "cuda" or "cpu"
     # The vLLM plugin that serves per-layer FFN widths (plugins/gemma4_pruned), when installed.
     pruned_ffn_plugin: str | None = None
+    cpu: CpuBuild | None = None  # on a machine without a GPU
 
 
 _PROBE = """
@@ -44,13 +70,63 @@ except Exception:
 print(json.dumps(out))
 """
 
+# Run in the serving environment: vLLM's own kernel import picks the library for this CPU.
+_CPU_PROBE = """
+import json, logging
+logging.disable(logging.WARNING)
+import torch
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+libraries = sorted({line.split()[-1].rsplit("/", 1)[-1].split(".")[0]
+                    for line in open("/proc/self/maps") if "/vllm/_C" in line})
+kernels = sorted(name[4:] for name in torch._C._dispatch_get_all_op_names()
+                 if name.startswith("_C::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"))
+print(json.dumps({"isa": torch.backends.cpu.get_cpu_capability(), "avx512": torch.cpu._is_avx512_supported(),
+                  "amx": torch.cpu._is_amx_tile_supported(), "kernel_library": ",".join(libraries) or "none",
+                  "kernels": kernels}))
+"""
 
-def probe(serve_python: str, compress_python: str) -> Platform:
-    """Ask each environment for its versions, and NVML for the GPU (a few hundred ms, no torch import)."""
-    serve = json.loads(subprocess.run([serve_python, "-c", _PROBE], capture_output=True, text=True,
-                                      check=True).stdout)
-    compress = json.loads(subprocess.run([compress_python, "-c", _PROBE], capture_output=True, text=True,
-                                         check=True).stdout)
+
+def _run_probe(python: str, code: str, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"probing {python} failed: {last[:300]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _cpu_identity() -> str:
+    """The CPU model and flags: a cached CPU probe is valid only on the CPU it was made on."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    wanted = [l for l in lines if l.startswith(("model name", "flags"))][:2]
+    return "\n".join(wanted)
+
+
+def probe_cpu_build(serve_python: str, vllm_version: str, cache_dir: Path | None,
+                    env: dict[str, str] | None = None) -> CpuBuild:
+    """Ask the serving environment (run with `env`, as its servers are) what vLLM's CPU backend
+    sees (~5 s: torch and vLLM's kernels load), cached per (environment, vLLM version, CPU)."""
+    key = hashlib.sha256(json.dumps([str(Path(serve_python).absolute()), vllm_version,
+                                     _cpu_identity()]).encode()).hexdigest()[:16]
+    path = cache_dir / f"cpu-build-{key}.json" if cache_dir else None
+    if path and path.exists():
+        found = json.loads(path.read_text())
+    else:
+        found = _run_probe(serve_python, _CPU_PROBE, env)
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(found))
+    return CpuBuild(found["isa"], found["avx512"], found["amx"], found["kernel_library"],
+                    frozenset(found["kernels"]))
+
+
+def probe(serve_python: str, compress_python: str, cache_dir: Path | None = None) -> Platform:
+    """Ask each environment for its versions, NVML for the GPU, and on a CPU machine vLLM's CPU build."""
+    serve = _run_probe(serve_python, _PROBE)
+    compress = _run_probe(compress_python, _PROBE)
     if serve["vllm"] == "missing":
         raise RuntimeError(f"no vLLM in the serving environment {serve_python}")
     if compress["llmcompressor"] == "missing":
@@ -62,11 +138,21 @@ def probe(serve_python: str, compress_python: str) -> Platform:
         vllm_version=serve["vllm"], llmcompressor_version=compress["llmcompressor"],
         compress_device="cuda" if compress.get("gpu") else "cpu",
         pruned_ffn_plugin=None if serve["pruned_ffn_plugin"] == "missing" else serve["pruned_ffn_plugin"],
+        cpu=None if gpu else probe_cpu_build(serve_python, serve["vllm"], cache_dir),
     )
 
 
-def check(config: TrialConfig, platform: Platform) -> None:
-    """Raise Infeasible with the reason when this configuration cannot run on this platform."""
+# The vLLM CPU kernel each weight scheme's linear layers call (vLLM 0.32's CPU kernels).
+CPU_SCHEME_KERNELS = {
+    "w4a16": ("cpu_gemm_wna16", "4-bit weights (W4A16)"),
+    "fp8": ("static_scaled_fp8_quant", "static FP8 activations"),
+    "w8a8": ("onednn_scaled_mm", "INT8 weights and activations (W8A8)"),
+}
+
+
+def check(config: TrialConfig, platform: Platform, family: ModelFamily = DEFAULT) -> None:
+    """Raise Infeasible with the reason when this configuration cannot run on this platform, for
+    this model family (its own serving needs come from search/models)."""
     scheme = config.compress.scheme
     kv = config.serve.kv_cache_dtype
     if platform.device == "cpu":
@@ -76,9 +162,7 @@ def check(config: TrialConfig, platform: Platform) -> None:
             raise Infeasible("bitsandbytes NF4 needs a CUDA GPU; vLLM's CPU build cannot load it")
         if scheme == "nvfp4a16":
             raise Infeasible("NVFP4 needs FP4 GPU kernels; vLLM's CPU build has none")
-        if scheme == "fp8":
-            raise Infeasible("static FP8 activations need _C::static_scaled_fp8_quant, which vLLM's CPU build "
-                             "does not implement (FP8_DYNAMIC runs)")
+        _check_cpu_build(scheme, kv, platform.cpu)
     else:
         cap = platform.capability or (0, 0)
         if scheme in ("fp8", "fp8_dynamic") and cap < (8, 9):
@@ -87,8 +171,19 @@ def check(config: TrialConfig, platform: Platform) -> None:
             raise Infeasible(f"an FP8 KV cache needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
         if scheme == "nvfp4a16" and cap < (10, 0):
             raise Infeasible(f"NVFP4 needs a Blackwell GPU (capability >= 10.0), this GPU has {cap[0]}.{cap[1]}")
-    if config.compress.prune.active and config.compress.prune.structured and not platform.pruned_ffn_plugin:
-        raise Infeasible("structurally pruned checkpoints need the vllm-gemma4-pruned plugin in the serving "
-                         "environment (./setup.sh installs plugins/gemma4_pruned)")
+    family.check_serving(config, platform)
     if config.compress.method == "awq" and scheme == "w4a16" and platform.compress_device == "cpu":
         raise Infeasible("llmcompressor's AWQ pins memory on an accelerator; it cannot run without a GPU")
+
+
+def _check_cpu_build(scheme: str, kv: str, build: CpuBuild | None) -> None:
+    if build is None:  # a platform made without the CPU probe: nothing more is known
+        return
+    if kv.startswith("fp8") and not (build.avx512 or build.amx):
+        # vLLM's CPU attention (_get_attn_isa) makes this very check.
+        raise Infeasible(f"an FP8 KV cache needs AVX-512 or AMX on a CPU; this CPU has {build.describe()}")
+    if scheme in CPU_SCHEME_KERNELS:
+        kernel, what = CPU_SCHEME_KERNELS[scheme]
+        if kernel not in build.kernels:
+            raise Infeasible(f"{what} need vLLM's CPU kernel {kernel}, which the library vLLM loads on this "
+                             f"CPU ({build.kernel_library}; {build.describe()}) does not have")

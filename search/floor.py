@@ -1,19 +1,10 @@
-"""Distance to the physical floor: FLOPs and bytes of a (compressed) Gemma 4 text decoder, and the
+"""Distance to the physical floor: FLOPs and bytes of a (compressed) text decoder, and the
 least energy a GPU could spend on them at its datasheet peak and power limit.
 
-The model is read from a Hugging Face config dict (a Gemma4ForConditionalGeneration config.json
-with ``text_config``/``vision_config``, or a bare text config) and its compressed-tensors
-``quantization_config``. It mirrors transformers' Gemma 4 modelling code (models/gemma4):
-
-- full-attention layers use ``global_head_dim`` (or ``per_layer_config`` overrides, as a saved
-  config spells it), sliding layers ``head_dim``;
-- the last ``num_kv_shared_layers`` layers have no k/v projections and no KV cache of their own:
-  they attend over the cache of the last earlier layer of the same type;
-- every layer has a per-layer-input gate and projection (``hidden_size_per_layer_input``), fed by
-  ``per_layer_model_projection`` and the packed ``embed_tokens_per_layer`` table;
-- ``intermediate_size`` may be a per-layer list; ``use_double_wide_mlp`` doubles KV-shared layers' MLP;
-  a structurally pruned checkpoint's ``intermediate_sizes`` gives every layer's FFN width, and a
-  layer narrower than stock has a down_proj bias (search/compress/structured.py).
+The model is read from a Hugging Face config dict (a multimodal config.json with
+``text_config``/``vision_config``, or a bare text config) and its compressed-tensors
+``quantization_config``. Its layers and Linear shapes come from its family in search/models
+(Gemma 4, Llama); an architecture no family models is refused with a message naming it.
 
 FLOPs count 2 per multiply-add of matrix products only (norms, activations, RoPE and softcapping
 are left out, as torch's FlopCounterMode does); pruned layers' down_proj biases count as bytes,
@@ -30,9 +21,8 @@ from pathlib import Path
 
 import yaml
 
-# transformers' default for full-attention layers when a config names neither global_head_dim nor
-# per_layer_config (Gemma4TextConfig.__post_init__).
-DEFAULT_GLOBAL_HEAD_DIM = 512
+from search.models import DecoderLayer, LinearShape, family_for, text_config
+
 # Gemma 4's default image budget (70/140/280/560/1120 soft tokens are offered).
 DEFAULT_SOFT_TOKENS_PER_IMAGE = 280
 
@@ -46,30 +36,6 @@ DTYPE_BYTES = {
 # Architecture
 
 
-@dataclass(frozen=True)
-class DecoderLayer:
-    index: int
-    sliding: bool
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    kv_shared: bool  # reads another layer's KV cache, has no k/v projections
-    v_proj: bool  # False where attention_k_eq_v reuses k as v
-    down_proj_bias: bool = False  # FFN channels removed, their mean contribution kept as a bias
-
-
-@dataclass(frozen=True)
-class LinearShape:
-    name: str  # module name as transformers (and so llmcompressor's ignore lists) spell it
-    in_features: int
-    out_features: int
-
-
-def text_config(config: dict) -> dict:
-    return config.get("text_config") or config
-
-
 def model_dtype_bytes(config: dict) -> int:
     tc = text_config(config)
     name = tc.get("dtype") or tc.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype") or "bfloat16"
@@ -77,82 +43,12 @@ def model_dtype_bytes(config: dict) -> int:
 
 
 def decoder_layers(config: dict) -> list[DecoderLayer]:
-    tc = text_config(config)
-    if tc.get("enable_moe_block"):
-        raise NotImplementedError("MoE Gemma 4 text decoders are not modelled")
-    n = tc["num_hidden_layers"]
-    types = tc.get("layer_types") or [
-        "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)
-    ]
-    overrides = {int(k): v for k, v in (tc.get("per_layer_config") or {}).items()}
-    if not overrides:  # an unsaved (hub-style) config: derive what __post_init__ would
-        full = {"head_dim": tc.get("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM)}
-        if tc.get("attention_k_eq_v") and tc.get("num_global_key_value_heads") is not None:
-            full["num_key_value_heads"] = tc["num_global_key_value_heads"]
-        overrides = {i: full for i, t in enumerate(types) if t == "full_attention"}
-    first_shared = n - (tc.get("num_kv_shared_layers") or 0)
-    inter = tc["intermediate_size"]
-    pruned = tc.get("intermediate_sizes")
-    layers = []
-    for i, layer_type in enumerate(types):
-        sliding = layer_type == "sliding_attention"
-        shared = i >= first_shared
-        stock = inter[i] if isinstance(inter, list) else inter
-        if tc.get("use_double_wide_mlp") and shared and first_shared > 0:
-            stock *= 2
-        width = pruned[i] if pruned else stock
-        layers.append(DecoderLayer(
-            index=i,
-            sliding=sliding,
-            heads=tc["num_attention_heads"],
-            kv_heads=overrides.get(i, {}).get("num_key_value_heads", tc["num_key_value_heads"]),
-            head_dim=overrides.get(i, {}).get("head_dim", tc["head_dim"]),
-            intermediate=width,
-            kv_shared=shared,
-            v_proj=not (tc.get("attention_k_eq_v") and not sliding),
-            down_proj_bias=width < stock,
-        ))
-    return layers
+    return family_for(config).decoder_layers(config)
 
 
 def text_linears(config: dict) -> list[LinearShape]:
     """Every Linear of the text decoder except lm_head, in the order transformers builds them."""
-    tc = text_config(config)
-    hidden, ple = tc["hidden_size"], tc.get("hidden_size_per_layer_input") or 0
-    prefix = "model.language_model." if "text_config" in config else "model."
-    out = []
-    for layer in decoder_layers(config):
-        p = f"{prefix}layers.{layer.index}."
-        q_width, kv_width = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
-        out.append(LinearShape(p + "self_attn.q_proj", hidden, q_width))
-        if not layer.kv_shared:
-            out.append(LinearShape(p + "self_attn.k_proj", hidden, kv_width))
-            if layer.v_proj:
-                out.append(LinearShape(p + "self_attn.v_proj", hidden, kv_width))
-        out.append(LinearShape(p + "self_attn.o_proj", q_width, hidden))
-        out.append(LinearShape(p + "mlp.gate_proj", hidden, layer.intermediate))
-        out.append(LinearShape(p + "mlp.up_proj", hidden, layer.intermediate))
-        out.append(LinearShape(p + "mlp.down_proj", layer.intermediate, hidden))
-        if ple:
-            out.append(LinearShape(p + "per_layer_input_gate", hidden, ple))
-            out.append(LinearShape(p + "per_layer_projection", ple, hidden))
-    if ple:
-        out.append(LinearShape(prefix + "per_layer_model_projection", hidden, tc["num_hidden_layers"] * ple))
-    return out
-
-
-def _small_params(config: dict) -> int:
-    """RMSNorm scales (v_norm has none), each layer's layer_scalar and pruned layers' down_proj
-    biases: read every step, tiny, but counted so that byte totals are exact."""
-    tc = text_config(config)
-    hidden, ple = tc["hidden_size"], tc.get("hidden_size_per_layer_input") or 0
-    total = hidden + ple  # final norm, per_layer_projection_norm
-    for layer in decoder_layers(config):
-        total += 4 * hidden + layer.head_dim + 1  # input/post-attention/pre-/post-feedforward norms, q_norm, scalar
-        total += 0 if layer.kv_shared else layer.head_dim  # k_norm
-        total += hidden if ple else 0  # post_per_layer_input_norm
-        total += hidden if layer.down_proj_bias else 0
-    return total
+    return family_for(config).text_linears(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +208,7 @@ def weight_bytes(config: dict, quant: dict | None = None) -> dict[str, int]:
         "lm_head": 0,
         "embed_tokens": tc["vocab_size"] * hidden * dtype,
         "embed_tokens_per_layer": (tc.get("vocab_size_per_layer_input") or 0) * tc["num_hidden_layers"] * ple * dtype,
-        "norms_and_scalars": _small_params(config) * dtype,
+        "norms_and_scalars": family_for(config).small_params(config) * dtype,
     }
     if not tc.get("tie_word_embeddings", config.get("tie_word_embeddings", True)):
         head = LinearShape("lm_head", hidden, tc["vocab_size"])

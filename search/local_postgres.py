@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
-from search.serve import free_port
+from search.net import free_port
 
 
 def server_binaries() -> Path | None:
@@ -30,7 +31,7 @@ def cluster(base: Path) -> Iterator[str]:
         raise RuntimeError("PostgreSQL server binaries not installed (apt-get install postgresql)")
     base.mkdir(parents=True, exist_ok=True)
     data = base / "data"
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    as_postgres = _as_postgres()
     if as_postgres:
         # The postgres user must reach its data folder through every parent.
         os.chmod(base, 0o777)
@@ -41,11 +42,34 @@ def cluster(base: Path) -> Iterator[str]:
     port = free_port()
     subprocess.run(as_postgres + [str(binaries / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
                    check=True, capture_output=True)
-    subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
-                                  f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
+    _start(base, port)
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(as_postgres + [str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        _stop(base)
+
+
+def restart(base: Path, port: int, down_s: float) -> None:
+    """Stop the cluster in `base` at once, as a crash would (every connection drops), and start it
+    again on the same port after `down_s` seconds."""
+    _stop(base)
+    time.sleep(down_s)
+    _start(base, port)
+
+
+def _as_postgres() -> list[str]:
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _pg_ctl(base: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_as_postgres() + [str(server_binaries() / "pg_ctl"), "-D", str(base / "data"), *args],
+                          capture_output=True)
+
+
+def _start(base: Path, port: int) -> None:
+    _pg_ctl(base, "-l", str(base / "log"), "-w", "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1",
+            "start").check_returncode()
+
+
+def _stop(base: Path) -> None:
+    _pg_ctl(base, "-m", "immediate", "stop")

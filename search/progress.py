@@ -8,6 +8,8 @@ import time
 
 import optuna
 
+from search.summaries import best_feasible, counts, finished
+
 
 class Progress:
     def __init__(self, stream=sys.stderr, refresh_s: float = 1.0):
@@ -28,6 +30,8 @@ class Progress:
         now = time.monotonic()
         best = f"{self.best:.4g} J/request" if self.best is not None else "none yet"
         c = self.counts
+        if self.trial is None:  # before the study: the reference run
+            return f"{self.stage_name} {now - self.stage_started:5.1f}s"
         return (f"[{self.done}/{self.total}] trial {self.trial} {self.stage_name} "
                 f"{now - self.stage_started:5.1f}s (trial {now - self.trial_started_at:5.1f}s) | "
                 f"complete {c['complete']} pruned {c['pruned']} failed {c['failed']} "
@@ -45,7 +49,6 @@ class Progress:
             self._print(self._line())
 
     def study_started(self, study: optuna.Study, total: int) -> None:
-        from search.study import best_feasible, counts, finished
         now = counts(study)
         self.counts = {k: now[k] for k in self.counts}
         best = best_feasible(study)
@@ -73,7 +76,7 @@ class Progress:
         self.done += 1
         if objective is not None and (self.best is None or objective < self.best):
             self.best = objective
-        note = f" ({reason[:160]})" if reason else ""
+        note = f" ({reason if len(reason) <= 240 else reason[:239] + '…'})" if reason else ""
         self._print(f"trial {self.trial} {state} in {time.monotonic() - self.trial_started_at:.1f}s{note}",
                     final=True)
 

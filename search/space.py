@@ -11,10 +11,13 @@ A space file has four sections (see spaces/default.yaml):
 from __future__ import annotations
 
 import ast
+import dataclasses
+import hashlib
+import json
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import yaml
@@ -98,6 +101,45 @@ class Space:
         return Space(self.path, self.model, {**self.fixed, **values},
                      tuple(p for p in self.params if p.name not in values), self.constraints, self.reference)
 
+    def unavailable_choices(self, runs: Callable[[cfg.TrialConfig], None]) -> list[tuple[str, Any, str]]:
+        """(param, choice, reason) for every choice that `runs` rejects as Infeasible when it alone
+        changes the reference configuration (a conditional param's parents take their first
+        choice that is available). Combinations are left to the per-trial check."""
+        reference = {**self.fixed, **self.reference}
+        available: dict[str, list] = {}
+        out = []
+        for param in self.params:
+            if param.choices is None:
+                continue
+            parents = {key: next((v for v in allowed if v in available.get(key, [reference.get(key)])), None)
+                       for key, allowed in param.when.items()}
+            if any(value is None for value in parents.values()):
+                continue  # never active here: its parents' choices cannot run
+            available[param.name] = []
+            for choice in param.choices:
+                try:
+                    runs(cfg.build({**reference, **parents, param.name: choice}))
+                except Infeasible as exc:
+                    out.append((param.name, choice, str(exc)))
+                    continue
+                except ConfigError:
+                    pass  # not a valid configuration on its own; sampling decides its combinations
+                available[param.name].append(choice)
+        return out
+
+    def without(self, choices: list[tuple[str, Any, str]]) -> Space:
+        """This space with these (param, choice, ...) removed; a param left with no choice is refused."""
+        params = []
+        for param in self.params:
+            gone = {choice for name, choice, *_ in choices if name == param.name}
+            if gone and param.choices is not None:
+                kept = tuple(c for c in param.choices if c not in gone)
+                if not kept:
+                    raise ConfigError(f"{self.path}: no choice of {param.name} can run here")
+                param = Param(param.name, choices=kept, when=param.when)
+            params.append(param)
+        return Space(self.path, self.model, self.fixed, tuple(params), self.constraints, self.reference)
+
     def check(self, trial_config: cfg.TrialConfig) -> None:
         flat = trial_config.flat()
         for constraint in self.constraints:
@@ -108,6 +150,13 @@ class Space:
     def reference_config(self) -> cfg.TrialConfig:
         """The uncompressed baseline: fixed settings, then the reference section."""
         return cfg.build({**self.fixed, **self.reference, "compress.scheme": "none"})
+
+    def digest(self) -> str:
+        """What this space searches (not where its file is, nor its comments): a study keeps one."""
+        content = {"fixed": self.fixed, "reference": self.reference,
+                   "params": [dataclasses.asdict(p) for p in self.params],
+                   "constraints": [dataclasses.asdict(c) for c in self.constraints]}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def enqueue_params(self, preset: dict[str, Any]) -> dict[str, Any]:
         """A preset as Optuna can enqueue it: its values that lie inside this space's distributions,
@@ -130,43 +179,133 @@ def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
 
 
 def load(path: str | Path) -> Space:
-    """Parse and check a space file; every problem is a one-line ConfigError."""
+    """Parse and check a space file, by type and by value; every problem is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = _read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a space needs params to search")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected {sorted(_TOP_KEYS)}")
+    if not raw.get("params"):
+        raise ConfigError(f"{path}: no params to search; give at least one under `params:`")
     keys = cfg.known_keys()
     fixed = dict(raw.get("fixed") or {})
-    params = tuple(_param(path, name, spec, keys) for name, spec in (raw.get("params") or {}).items())
+    params = tuple(_param(path, name, spec, keys) for name, spec in raw["params"].items())
     names = {p.name for p in params}
     both = names & set(fixed)
     if both:
         raise ConfigError(f"{path}: {sorted(both)} are both fixed and searched")
-    for param in params:
-        for key in param.when:
-            if key not in names and key not in fixed:
-                raise ConfigError(f"{path}: params.{param.name}.when refers to {key!r}, which is neither a param nor fixed")
+    for index, param in enumerate(params):
+        _check_when(path, param, params[:index], names, fixed)
     constraints = tuple(_constraint(path, c, keys) for c in raw.get("constraints") or [])
     reference = dict(raw.get("reference") or {})
     space = Space(path, str(raw.get("model", "toy")), fixed, params, constraints, reference)
-    # Every fixed value and every choice must build a valid config on its own.
-    cfg.build(fixed)
-    cfg.build({**fixed, **reference})
+    # Every fixed value builds a valid config, and so does every choice and range end, each with
+    # its `when:` parents at a value that activates it. Values that are only wrong together are
+    # left to sampling, which records such a trial as infeasible.
+    try:
+        cfg.build(fixed)
+        cfg.build({**fixed, **reference})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    by_name = {p.name: p for p in params}
     for param in params:
-        for choice in param.choices or (param.low, param.high):
+        parents = {key: fixed[key] if key in fixed else allowed[0] for key, allowed in param.when.items()}
+        for label, value in _values(param):
             try:
-                cfg.coerce(param.name, keys[param.name], choice)
+                cfg.build({**fixed, **parents, param.name: value})
+            except cfg.CombinationError:
+                pass
             except ConfigError as exc:
-                raise ConfigError(f"{path}: params.{param.name}: {exc}") from None
+                raise ConfigError(f"{path}: params.{param.name}: {label} {value!r}: {exc}") from None
+    reference_values = space.reference_config().flat()
+    for constraint in constraints:
+        try:
+            constraint.holds(reference_values)
+        except Exception as exc:  # a constraint that cannot be evaluated would fail every trial
+            raise ConfigError(f"{path}: constraint {constraint.expr!r} cannot be evaluated on the reference "
+                              f"configuration: {type(exc).__name__}: {exc}") from None
+    named_tasks = [fixed.get("workload.tasks"), reference.get("workload.tasks"),
+                   *((by_name["workload.tasks"].choices or ()) if "workload.tasks" in by_name else ())]
+    check_tasks(path, [task for tasks in named_tasks if tasks for task in tasks])
     return space
+
+
+def _values(param: Param) -> list[tuple[str, Any]]:
+    if param.choices is not None:
+        return [("choice", choice) for choice in param.choices]
+    return [("low", param.low), ("high", param.high)]
+
+
+def _check_when(path: Path, param: Param, earlier: tuple[Param, ...], names: set[str], fixed: dict) -> None:
+    """Conditions name a fixed option or a param listed before (sampling runs in file order), with
+    values that option can take."""
+    where = f"{path}: params.{param.name}.when"
+    before = {p.name: p for p in earlier}
+    for key, allowed in param.when.items():
+        if key in fixed:
+            if fixed[key] not in allowed:
+                raise ConfigError(f"{where}: {key} is fixed to {fixed[key]!r}, so {param.name} is never searched")
+            continue
+        if key not in names:
+            raise ConfigError(f"{where} refers to {key!r}, which is neither a param nor fixed")
+        if key not in before:
+            raise ConfigError(f"{where} refers to {key!r}, which is listed after it; list {key} first")
+        parent = before[key]
+        impossible = [v for v in allowed if not _can_take(parent, v)]
+        if impossible:
+            takes = list(parent.choices) if parent.choices is not None else f"[{parent.low}, {parent.high}]"
+            raise ConfigError(f"{where}: {key} never takes {impossible} (it takes {takes})")
+
+
+def _can_take(param: Param, value: Any) -> bool:
+    if param.choices is not None:
+        return value in param.choices
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high
+
+
+def check_tasks(path: Path | str, names: list[str]) -> None:
+    """Task names resolve in objectives/tasks/ before the baseline, not after it."""
+    if not names:
+        return
+    from objectives.tasks import TEXT_TASK_DIR, load_registry, resolve_task
+    known = {**load_registry(), **load_registry(TEXT_TASK_DIR)}
+    for name in names:
+        if name.endswith((".yaml", ".yml")):  # a user's own task file
+            try:
+                resolve_task(name)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: workload.tasks: {exc}") from None
+    unknown = sorted(n for n in set(names) - set(known) if not n.endswith((".yaml", ".yml")))
+    if unknown:
+        raise ConfigError(f"{path}: workload.tasks: unknown task(s) {unknown}; known: {sorted(known)}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _param(path: Path, name: str, spec: Any, keys: dict[str, Any]) -> Param:
@@ -267,7 +406,7 @@ def _evaluate(node: ast.AST, values: dict[str, Any]) -> Any:
 
 def load_presets(path: str | Path) -> dict[str, dict[str, Any]]:
     """Named configurations (the seeds and the bf16 reference), dotted keys, checked against the config."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = _read_yaml(Path(path)) or {}
     keys = cfg.known_keys()
     presets = {}
     for name, entry in raw.items():

@@ -7,25 +7,34 @@ has its trial failed and retried by the others.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import math
 import os
 import socket
 import threading
 import time
+import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from search import config as cfg
+from search import interrupts
 from search import space as space_mod
 from search import trial as trial_mod
 from search.progress import Progress
-from search.track import Tracker
+from search.redaction import redact
+from search.summaries import RUNS_HERE, best_feasible, counts, finished
+from search.track import Tracker, TrackingFailed
 
 OBJECTIVE = "energy_j_per_request"
 SAMPLERS = ("tpe", "nsga2", "motpe", "gp", "random")
@@ -45,60 +54,101 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise cfg.ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
+# A dropped database connection (a restart, a fail-over) is retried for about 30 s before the
+# operation fails: `pool_pre_ping` alone only replaces connections that died while idle.
+DB_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+# The storage calls Optuna's cache makes: each runs in a session of its own, so each can run again.
+_RETRIED_CALLS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "_create_new_trial", "_set_trial_param", "get_trial_id_from_study_id_trial_number",
+    "_get_best_trial_id", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial", "_get_trials", "record_heartbeat", "_get_stale_trial_ids")
+
+
+def _connection_lost(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or (
+                isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _retried(call):
+    @functools.wraps(call)
+    def retrying(*args, **kwargs):
+        for pause in DB_RETRY_S:
+            try:
+                return call(*args, **kwargs)
+            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+                if not _connection_lost(exc):
+                    raise
+                time.sleep(pause)
+        return call(*args, **kwargs)
+    return retrying
+
+
+class ReconnectingStorage(RDBStorage):
+    """Optuna's RDB storage, running again what a lost database connection broke."""
+
+
+for _name in _RETRIED_CALLS:
+    setattr(ReconnectingStorage, _name, _retried(getattr(RDBStorage, _name)))
+
+
 def storage(url: str, heartbeat_s: int = 30) -> RDBStorage:
     """A worker whose trial has sent no heartbeat for 3 intervals is taken as dead; its trial is
     failed by the next worker that starts a trial, and run again once."""
-    return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                      engine_kwargs={"pool_pre_ping": True})
+    return ReconnectingStorage(url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                               engine_kwargs={"pool_pre_ping": True})
+
+
+def directions_for(sampler: str) -> list[str]:
+    """Energy alone under the gate, or the (energy, recovery) front for the multi-objective samplers."""
+    return ["minimize", "maximize"] if sampler in MULTI_OBJECTIVE else ["minimize"]
+
+
+def quiet_optuna() -> None:
+    """The product prints one line per finished trial; Optuna's own log would add a traceback to
+    every failed one (those go to the trial's folder and its MLflow run)."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def open_study(name: str, storage_url: str, sampler: str = "tpe", seed: int | None = 0,
                heartbeat_s: int = 30) -> optuna.Study:
-    directions = ["minimize", "maximize"] if sampler in MULTI_OBJECTIVE else ["minimize"]
-    return optuna.create_study(study_name=name, storage=storage(storage_url, heartbeat_s),
-                               sampler=make_sampler(sampler, seed),
-                               directions=directions, load_if_exists=True)
+    multi = sampler in MULTI_OBJECTIVE
+    study = optuna.create_study(study_name=name, storage=storage(storage_url, heartbeat_s),
+                                sampler=make_sampler(sampler, seed),
+                                directions=directions_for(sampler), load_if_exists=True)
+    if not study.metric_names:  # a dashboard then shows the objectives by name, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE, "recovery_mean"] if multi else [OBJECTIVE])
+    return study
+
+
+def check_definition(study: optuna.Study, definition: dict[str, Any]) -> None:
+    """A study keeps what defines it (space, gate, sampler and directions, model, energy source):
+    trials made under other ones cannot be compared. The first run stores them; a later run that
+    changes one is refused, naming it. A key the study does not hold yet is added."""
+    definition = json.loads(json.dumps(definition))  # as the storage gives it back: lists, not tuples
+    stored = study.user_attrs.get("definition", {})
+    changed = [f"{key} {stored[key]!r} -> {value!r}" for key, value in definition.items()
+               if key in stored and stored[key] != value]
+    if changed:
+        raise cfg.ConfigError(f"study {study.study_name!r} was made with other settings ({'; '.join(changed)}); "
+                              "give a new --study name to change them")
+    if any(key not in stored for key in definition):
+        study.set_user_attr("definition", {**stored, **definition})
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage(storage_url))
     except KeyError:
-        raise cfg.ConfigError(f"no study named {name!r} in {storage_url}") from None
-
-
-def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials by state. `feasible` is the part of `complete` that passed the recovery gate;
-    `infeasible` are configurations rejected before any work (they cannot run here)."""
-    out = {"complete": 0, "feasible": 0, "pruned": 0, "infeasible": 0, "failed": 0, "running": 0, "waiting": 0}
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.COMPLETE:
-            out["complete"] += 1
-            out["feasible"] += bool(t.user_attrs.get("feasible"))
-        elif t.state == TrialState.PRUNED:
-            out["infeasible" if t.user_attrs.get("infeasible") else "pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            out["failed"] += 1
-        elif t.state == TrialState.RUNNING:
-            out["running"] += 1
-        elif t.state == TrialState.WAITING:
-            out["waiting"] += 1
-    return out
-
-
-def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("feasible")]
-    return min(feasible, key=lambda t: t.values[0], default=None)
-
-
-def finished(study: optuna.Study) -> int:
-    """Trials that count towards --trials: complete, pruned, and failed ones that are not retried."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
-    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and t.number not in retried))
+        raise cfg.ConfigError(f"no study named {name!r} in {redact(storage_url)}") from None
 
 
 @dataclass
@@ -108,6 +158,8 @@ class RunOptions:
     warm_start: str
     presets: dict[str, dict[str, Any]]
     trial_timeout_s: float | None = None
+    storage_url: str = ""  # where the workers of the study count its trials under one lock
+    poll_s: float = 5.0  # how often a worker waiting on the others' last trials looks again
 
 
 def warm_start(study: optuna.Study, space: space_mod.Space, presets: dict[str, dict[str, Any]]) -> int:
@@ -151,11 +203,18 @@ class Objective:
         self.trial_timeout_s = trial_timeout_s
         self._expired = threading.Event()
 
-    def _expire(self) -> None:
-        """The trial's time is up: killing its server and compressor makes the running stage fail."""
+    def _enforce_budget(self, trial_over: threading.Event) -> None:
+        """Past the trial's budget, its server (ready or still starting) and its compression are
+        stopped, which makes the running stage fail; and again each second until the trial has
+        given up, so that a stage begun meanwhile is stopped too."""
+        if trial_over.wait(self.trial_timeout_s):
+            return
         self._expired.set()
-        self.runtime.pool.discard()
-        self.runtime.compressor.close()
+        while True:
+            self.runtime.pool.discard()
+            self.runtime.compressor.close()
+            if trial_over.wait(1.0):
+                return
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         workdir = self.runtime.workdir / f"trial-{trial.number:04d}"
@@ -168,58 +227,83 @@ class Objective:
                                   "artifacts": []}
         started = time.perf_counter()
         self._expired.clear()
-        watchdog = threading.Timer(self.trial_timeout_s, self._expire) if self.trial_timeout_s else None
+        trial_over = threading.Event()
+        watchdog = (threading.Thread(target=self._enforce_budget, args=(trial_over,), daemon=True)
+                    if self.trial_timeout_s else None)
         if watchdog:
             watchdog.start()
         try:
-            config = self.space.sample(trial, preset)
-            record["params"] = config.flat()
-            trial.set_user_attr("config", record["params"])
-            outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage, times)
+            with interrupts.interruptible():  # a stop signal cuts the trial's work, not its record
+                config = self.space.sample(trial, preset)
+                record["params"] = config.flat()
+                trial.set_user_attr("config", record["params"])
+                outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage, times)
         except space_mod.Infeasible as exc:
-            return self._end(trial, record, "PRUNED", f"infeasible: {exc}", started, infeasible=True)
+            return self._end(trial, record, "INFEASIBLE", f"infeasible: {exc}", started)
         except trial_mod.TrialPruned as exc:
             return self._end(trial, record, "PRUNED", f"pruned: {exc}", started)
         except Exception as exc:  # whatever broke, the trial is recorded with its reason and the study goes on
             self.runtime.pool.discard()  # a server that saw a failure is not reused
             reason = (f"trial exceeded its time budget of {self.trial_timeout_s:.0f} s" if self._expired.is_set()
                       else f"{type(exc).__name__}: {exc}")
+            workdir.mkdir(parents=True, exist_ok=True)  # the traceback goes with the trial, not to the console
+            (workdir / "traceback.txt").write_text("".join(traceback.format_exception(exc)))
             return self._end(trial, record, "FAIL", reason, started, workdir=workdir)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP: the next run retries the trial
             trial.set_user_attr("interrupted", True)
-            self._end(trial, record, "FAIL", "interrupted (Ctrl-C)", started, raise_=False, workdir=workdir)
+            self._end(trial, record, "FAIL", f"interrupted ({interrupts.signal_name(exc)})", started,
+                      raise_=False, workdir=workdir)
             raise
         finally:
+            trial_over.set()
             if watchdog:
-                watchdog.cancel()
+                watchdog.join()
         record["metrics"] = outcome.metrics
         record["tags"] = outcome.tags
         record["artifacts"] = [str(p) for p in outcome.artifacts]
         trial.set_user_attr("metrics", {k: v for k, v in outcome.metrics.items() if _finite(v)})
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("energy_source", outcome.tags["energy_source"])
-        # <= 0 is feasible: the samplers read it to prefer configurations that pass the gate.
+        # <= 0 is feasible: the samplers read these to prefer configurations that pass the gate.
         trial.set_constraint("recovery_gate", -outcome.metrics["recovery_margin"])
+        trial.set_constraint(RUNS_HERE, 0.0)
+        for name, value in outcome.metrics.items():
+            if name.startswith("slo_"):
+                trial.set_constraint(name, value)
         record["metrics"]["trial_s"] = time.perf_counter() - started
         record["tags"].update({"state": "COMPLETE", "search.study": self.study.study_name})
-        self.tracker.log_trial(record)
+        try:
+            self.tracker.log_trial(record)
+        except TrackingFailed as exc:  # the study goes on: this trial fails, saying why
+            return self._end(trial, record, "FAIL", str(exc), started)
         self.progress.trial_finished("complete", outcome.objective if outcome.feasible else None)
         if self.multi_objective:
             return outcome.objective, outcome.recovery
         return outcome.objective
 
     def _end(self, trial: optuna.Trial, record: dict, state: str, reason: str, started: float,
-             infeasible: bool = False, raise_: bool = True, workdir: Path | None = None):
+             raise_: bool = True, workdir: Path | None = None):
+        """Record a trial that did not complete. An infeasible one is told to Optuna as complete with
+        its RUNS_HERE constraint violated and no measured value: every sampler then ranks it below
+        the runnable trials (TPE, NSGA-II and GP read constraints of complete trials only)."""
+        infeasible = state == "INFEASIBLE"
         trial.set_user_attr("reason", reason[:1000])
         trial.set_user_attr("infeasible", infeasible)
         trial.set_user_attr("stage_times", dict(record["metrics"]))
-        record["tags"].update({"state": "INFEASIBLE" if infeasible else state, "failure_reason": reason[:4000],
+        record["tags"].update({"state": state, "failure_reason": reason[:4000],
                                "feasible": "false", "search.study": self.study.study_name})
         record["metrics"]["trial_s"] = time.perf_counter() - started
         if workdir is not None:
             record["artifacts"] = [str(p) for p in sorted(workdir.glob("*")) if p.is_file()]
-        self.tracker.log_trial(record)
-        self.progress.trial_finished("infeasible" if infeasible else state.lower(), None, reason)
+        try:
+            self.tracker.log_trial(record)
+        except TrackingFailed as exc:  # Optuna keeps the trial, and why MLflow has no run of it
+            reason = f"{reason}; {exc}"
+            trial.set_user_attr("reason", reason[:1000])
+        self.progress.trial_finished({"FAIL": "failed"}.get(state, state.lower()), None, reason)
+        if infeasible:
+            trial.set_constraint(RUNS_HERE, 1.0)
+            return (math.inf, -math.inf) if self.multi_objective else math.inf
         if not raise_:
             return None
         if state == "PRUNED":
@@ -243,15 +327,82 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
     objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
                           len(study.directions) > 1, options.trial_timeout_s)
     progress.study_started(study, options.trials)
-
-    def enough(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
-        if finished(study) >= options.trials:  # counted across every worker of the study
-            study.stop()
-
-    if finished(study) < options.trials:
-        study.optimize(objective, timeout=options.timeout_s, catch=(TrialFailed,), callbacks=[enough])
+    optimize_until(study, objective, options)
     tracker.flush()
     return counts(study)
+
+
+def optimize_until(study: optuna.Study, objective, options: RunOptions) -> None:
+    """Run trials until the study holds `options.trials` finished ones, counted over all its
+    workers, or until `options.timeout_s`. Workers count and ask under one lock, and count the
+    trials running elsewhere too, so that exactly that many finish; a worker with no free slot
+    waits on the others' last trials (one may fail and need running again)."""
+    deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
+    while deadline is None or time.monotonic() < deadline:
+        with interrupts.deferred(), _ask_lock(options.storage_url, study.study_name) as release:
+            slot = _free_slot(study, options.trials)
+            if slot:
+                def asked(trial: optuna.Trial) -> Any:
+                    release()  # the trial exists: the other workers may count and ask again
+                    return objective(trial)
+                study.optimize(asked, n_trials=1, catch=(TrialFailed,))
+        if slot is None:
+            return
+        if not slot:
+            time.sleep(options.poll_s)
+
+
+def _free_slot(study: optuna.Study, wanted: int) -> bool | None:
+    """True: start a trial. None: the study holds `wanted` finished trials. False: the trials running
+    (on other workers) may fill it; wait, for one may fail and need running again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial frees its slot (and is retried)
+    # Running first: a trial that ends between the two reads is counted twice (this worker waits a
+    # poll), never missed (which would start one trial too many).
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    done = finished(study)
+    if done >= wanted:
+        return None
+    return done + running < wanted
+
+
+def _advisory_lock(url: sqlalchemy.engine.URL, key: str) -> sqlalchemy.engine.Connection:
+    """A connection holding PostgreSQL's session lock named `key` (it goes with the connection)."""
+    connection = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect()
+    connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(hashtext(:key))"), {"key": key})
+    return connection
+
+
+@contextlib.contextmanager
+def _ask_lock(storage_url: str, study_name: str):
+    """Workers count a study's trials and ask for the next one under this lock, so that exactly
+    --trials finish: a file lock beside an SQLite database, an advisory lock on PostgreSQL, none
+    elsewhere (in-memory). Yields `release`, for the lock is let go once the trial is asked for."""
+    url = sqlalchemy.engine.make_url(storage_url) if storage_url else None
+    backend = url.get_backend_name() if url else ""
+    handle = connection = None
+    if backend == "sqlite" and url.database not in (None, "", ":memory:"):
+        handle = open(f"{url.database}.ask-lock", "w")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    elif backend == "postgresql":
+        connection = _retried(_advisory_lock)(url, study_name)
+
+    def release() -> None:
+        nonlocal handle, connection
+        if handle is not None:
+            handle.close()  # closing the file lets go of its lock
+            handle = None
+        if connection is not None:
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # a lost connection took the lock with it
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": study_name})
+                connection.close()
+            connection = None
+
+    try:
+        yield release
+    finally:
+        release()
 
 
 def study_dir(home: Path, name: str) -> Path:

@@ -118,7 +118,7 @@ def build(out_dir: str | Path, seed: int = 0, soft_tokens: int = DEFAULT_SOFT_TO
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    from search.compress.kv_shared import complete_kv_shared
+    from search.models.gemma4 import complete_kv_shared
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,33 +1,37 @@
 """MLflow tracking: one experiment per study, a parent run per study, a child run per trial.
 
-Writes go through MlflowClient (no global active-run state). When the tracking server cannot be
-reached, a trial's record is spooled to disk and sent with the next successful write, so trials
-go on and no run is lost.
+Writes go through MlflowClient (no global active-run state), and every one of them, the study's
+own at start-up included, goes through a spool on disk: the record is written there first, then
+sent, then deleted. A tracking server that cannot be reached costs nothing but a retry later (with
+a growing pause between attempts); the records wait and are sent in order once it is back, by
+this worker or by the next one on this host. Only a spool that cannot be written (a full disk,
+after retries) is an error, `TrackingFailed`, which fails the trial it was for.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from search.redaction import redact
 
 _PARENT_TAG = "search.study_parent"
 # A tracking server that is away must cost a trial seconds, not MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+SPOOL_RETRY_S = (0.2, 0.5, 1.0, 2.0)  # pauses between attempts to write a record to the spool
+SEND_BACKOFF_S = (5.0, 300.0)  # first and longest pause after a failed send
+_TEXT_ARTIFACTS = {".log", ".txt", ".yaml", ".yml", ".json", ".jsonl", ".csv"}
 
 
-def redact(value: str) -> str:
-    """Database URLs with credentials never reach MLflow."""
-    return re.sub(r"(://[^:/@\s]+):[^@\s]+@", r"\1:***@", value)
+class TrackingFailed(RuntimeError):
+    """A record could not even be written to the local spool; the trial it belongs to fails."""
 
 
 def _safe(key: str, value: Any) -> str:
@@ -46,9 +50,88 @@ class Tracker:
         self.spool_root = spool_root
         self.spool_dir = spool_root / f"{socket.gethostname()}-{os.getpid()}"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        from mlflow.tracking import MlflowClient  # here, not at import: the CLI's input checks stay fast
         self.client = MlflowClient(tracking_uri)
         self._experiment_id: str | None = None
         self._parent_id: str | None = None
+        self._sequence = 0
+        self._send_after = 0.0  # monotonic time before which no send is tried (after a failure)
+        self._pause_s = SEND_BACKOFF_S[0]
+
+    # --- what the study records --------------------------------------------------------------
+
+    def log_study(self, params: dict[str, Any], tags: dict[str, Any]) -> None:
+        """The parent run's params (what defines the study: never changes) and tags (this run's)."""
+        self._record({"kind": "study", "params": params, "tags": tags})
+
+    def log_trial(self, record: dict[str, Any]) -> None:
+        """record: number, params, metrics, tags (with `state`), artifacts (paths)."""
+        self._record({"kind": "trial", **record})
+
+    def log_figures(self, figures: dict[str, Path]) -> None:
+        self._record({"kind": "figures", "paths": [str(p) for p in figures.values()]})
+
+    def close(self, status: str) -> int:
+        """The parent run ends with `status` (FINISHED, FAILED or KILLED); returns the records still
+        waiting for the server (sent by the next run)."""
+        self._record({"kind": "end", "status": status})
+        return self.flush(force=True)
+
+    # --- the spool ------------------------------------------------------------------------------
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self._spool(record)
+        self.flush()
+
+    def _spool(self, record: dict[str, Any]) -> Path:
+        self._sequence += 1
+        name = f"{time.time_ns():020d}-{self._sequence:06d}-{record['kind']}.json"
+        path, partial = self.spool_dir / name, self.spool_dir / f".{name}.tmp"
+        text = json.dumps(record, default=str)
+        pauses = list(SPOOL_RETRY_S)
+        while True:
+            try:
+                partial.write_text(text)
+                partial.replace(path)  # a record is whole or absent, never half written
+                return path
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                if not pauses:
+                    raise TrackingFailed(f"MLflow record not written to {self.spool_dir}: "
+                                         f"{type(exc).__name__}: {exc}") from None
+                time.sleep(pauses.pop(0))
+
+    def pending(self) -> list[Path]:
+        return sorted(self.spool_dir.glob("*.json"))
+
+    def _adopt_orphans(self) -> None:
+        """Records left by a worker of this host that died before sending them become ours."""
+        host = socket.gethostname()
+        for folder in self.spool_root.glob(f"{host}-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if folder != self.spool_dir and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                for record in folder.glob("*.json"):
+                    record.replace(self.spool_dir / record.name)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def flush(self, force: bool = False) -> int:
+        """Send the spooled records in order; returns how many are still waiting. After a failed
+        send the next attempts wait, 5 s at first, doubling up to 5 min, unless `force`d."""
+        if not force and time.monotonic() < self._send_after:
+            return len(self.pending())
+        self._adopt_orphans()
+        for path in self.pending():
+            try:
+                self._send(json.loads(path.read_text()))
+            except Exception:  # the server is away: the record waits for the next attempt
+                self._send_after = time.monotonic() + self._pause_s
+                self._pause_s = min(2 * self._pause_s, SEND_BACKOFF_S[1])
+                return len(self.pending())
+            path.unlink()
+        self._pause_s = SEND_BACKOFF_S[0]
+        return 0
+
+    # --- MLflow ---------------------------------------------------------------------------------
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
@@ -76,40 +159,26 @@ class Tracker:
                 self._parent_id = run.info.run_id
         return self._parent_id
 
-    def log_study(self, params: dict[str, Any], tags: dict[str, str]) -> None:
-        parent = self.parent_run_id()
-        self.client.log_batch(parent, params=[Param(k, _safe(k, v)) for k, v in params.items()],
-                              tags=[RunTag(k, _safe(k, v)) for k, v in tags.items()])
-
-    def log_trial(self, record: dict[str, Any]) -> None:
-        """record: number, params, metrics, tags (with `state`), artifacts (paths). Spooled if MLflow is down."""
-        spool = self.spool_dir / f"trial-{record['number']:05d}-{int(time.time() * 1000)}.json"
-        spool.write_text(json.dumps(record, default=str))
-        self.flush()
-
-    def _adopt_orphans(self) -> None:
-        """Records left by a worker of this host that died before sending them become ours."""
-        host = socket.gethostname()
-        for folder in self.spool_root.glob(f"{host}-*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if folder != self.spool_dir and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                for record in folder.glob("trial-*.json"):
-                    record.replace(self.spool_dir / record.name)
-                folder.rmdir()
-
-    def flush(self) -> int:
-        """Send every spooled trial record; returns how many are still waiting."""
-        self._adopt_orphans()
-        pending = sorted(self.spool_dir.glob("trial-*.json"))
-        for path in pending:
-            try:
-                self._send(json.loads(path.read_text()))
-            except Exception:  # the server is away: keep the record for the next attempt
-                return len(list(self.spool_dir.glob("trial-*.json")))
-            path.unlink()
-        return 0
-
     def _send(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind", "trial")  # spools written before kinds existed hold trials only
+        if kind == "trial":
+            self._send_trial(record)
+            return
+        from mlflow.entities import Param, RunTag
+        parent = self.parent_run_id()
+        if kind == "study":
+            self.client.update_run(parent, "RUNNING")
+            self.client.log_batch(parent, params=[Param(k, _safe(k, v)) for k, v in record["params"].items()],
+                                  tags=[RunTag(k, _safe(k, v)) for k, v in record["tags"].items()])
+        elif kind == "figures":
+            for path in record["paths"]:
+                if Path(path).exists():
+                    self._log_artifact(parent, path)
+        elif kind == "end":
+            self.client.set_terminated(parent, record["status"])
+
+    def _send_trial(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
         name = f"trial-{record['number']:03d}"
         existing = self.client.search_runs([self.experiment_id()], f"tags.`search.trial` = '{record['number']}'",
                                            max_results=1)
@@ -128,15 +197,22 @@ class Tracker:
                                   tags=tags[i:i + 100])
         for artifact in record["artifacts"]:
             if Path(artifact).exists():
-                self.client.log_artifact(run_id, artifact)
+                self._log_artifact(run_id, artifact)
         state = record["tags"].get("state")
         self.client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED", "INFEASIBLE") else "FAILED")
 
-    def log_figures(self, figures: dict[str, Path]) -> None:
-        parent = self.parent_run_id()
-        for path in figures.values():
-            self.client.log_artifact(parent, str(path))
+    def _log_artifact(self, run_id: str, path: str) -> None:
+        """Text artifacts (logs, configs, answers) go up with any credential in them hidden."""
+        source = Path(path)
+        if source.suffix not in _TEXT_ARTIFACTS:
+            self.client.log_artifact(run_id, path)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            copy = Path(folder) / source.name
+            copy.write_text(redact(source.read_text(errors="replace")))
+            self.client.log_artifact(run_id, str(copy))
 
 
 def mlflow_version() -> str:
+    import mlflow
     return mlflow.__version__

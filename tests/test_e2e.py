@@ -1,13 +1,21 @@
 """End to end: real llmcompressor, a real vLLM server, a real Optuna SQLite storage and MLflow store."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+
+from search import local_postgres
+from search import study as study_mod
+from search.summaries import measured
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "e2e_space.yaml"
@@ -38,21 +46,27 @@ def test_warm_start_runs_the_seed_presets_first(study_home):
         "bf16_reference", "seed_000_bnb_nf4", "seed_001_sparsegpt_gptq_w4a16_fp8kv"]
     states = [t.state for t in trials[:3]]
     assert states[0] == optuna.trial.TrialState.COMPLETE
-    # NF4 needs CUDA: recorded as infeasible with its reason, before any work.
-    assert trials[1].state == optuna.trial.TrialState.PRUNED and trials[1].user_attrs["infeasible"]
+    # NF4 needs CUDA: recorded as infeasible with its reason, before any work, as a violated
+    # constraint every sampler ranks below the runnable trials.
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].user_attrs["infeasible"]
+    assert trials[1].constraints == {"runs_here": 1.0} and trials[1].values == [float("inf")]
     assert "bitsandbytes" in trials[1].user_attrs["reason"]
+    assert trials[0].constraints["runs_here"] == 0.0
     seed_001 = trials[2].user_attrs["config"]
     assert (seed_001["compress.method"], seed_001["compress.prune.base"], seed_001["compress.actorder"]) == (
         "gptq", 0.1, "static")
 
 
 def test_completed_trials_carry_energy_recovery_and_gate(study_home):
-    for t in load(study_home).get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+    for t in measured(load(study_home)):
         metrics = t.user_attrs["metrics"]
         assert metrics["energy_j_per_request"] > 0 and t.values[0] == metrics["energy_j_per_request"]
         assert 0 <= metrics["recovery_mean"] <= 1
         assert metrics["recovery_builtin_documents_low"] <= metrics["recovery_builtin_documents"]
         assert t.user_attrs["energy_source"] == "estimate"  # no GPU, no RAPL here: said, not hidden
+        # Caches off by default: vLLM's own counters show the measured windows took nothing from one.
+        assert metrics["prefix_cache_hit_rate"] == 0.0 and metrics["prefix_cache_queries"] == 0
+        assert metrics["failed_requests"] == 0
         assert "feasible" in t.user_attrs
     reference = load(study_home).get_trials()[0]
     assert reference.user_attrs["metrics"]["recovery_mean"] > 0.9  # the baseline model agrees with itself
@@ -105,13 +119,70 @@ def test_trial_over_its_time_budget_fails_and_the_study_goes_on(study_home, serv
     assert timed_out and all("time budget of 3 s" in t.user_attrs["reason"] for t in timed_out)
 
 
-def test_a_trial_pruned_early_keeps_the_energy_of_its_measured_window(tmp_path, serve_python, main_python):
-    """At gate 1.0 only a model identical to the reference can pass: the first half of the workload
-    prunes seed 001, and the window it measured stays in the record."""
-    run_cli(tmp_path, "run", "--trials", "3", "--space", str(SPACE), "--warm-start", "seeds", "--gate", "1.0",
+def test_a_hopeless_trial_is_pruned_by_the_screen_before_any_energy_is_measured(tmp_path, serve_python, main_python):
+    """At gate 1.0 only a model identical to the reference can pass: the quality screen (half the
+    items, scored before the measured window) prunes an FP8 trial (a scheme every CPU kind runs),
+    so no window is measured for it and the windows of other trials are never split."""
+    run_cli(tmp_path, "run", "--trials", "1", "--space", str(SPACE), "--gate", "1.0",
+            "--set", "compress.scheme=fp8_dynamic",
             "--serve-python", serve_python, "--compress-python", main_python)
-    seed_001 = load(tmp_path).get_trials()[2]
-    assert seed_001.state == optuna.trial.TrialState.PRUNED and not seed_001.user_attrs["infeasible"]
-    assert "can reach at most" in seed_001.user_attrs["reason"]
-    window = seed_001.user_attrs["stage_times"]
-    assert window["first_window_energy_j"] > 0 and window["first_window_energy_j_per_request"] > 0
+    pruned = load(tmp_path).get_trials()[0]
+    assert pruned.state == optuna.trial.TrialState.PRUNED and not pruned.user_attrs["infeasible"]
+    assert "can reach at most" in pruned.user_attrs["reason"]
+    stages = pruned.user_attrs["stage_times"]
+    assert stages["pruned_at_screen"] == 1.0 and stages["time_screen_s"] > 0
+    assert "time_workload_s" not in stages and not any(k.startswith("energy") for k in stages)
+
+
+def test_a_sigtermed_study_leaves_no_process_nothing_running_and_no_secret(tmp_path, serve_python, main_python):
+    """SIGTERM (a scheduler, `kill`, a CI time-out) while the trial's vLLM server starts: the run ends
+    at once with one line and exit 143, every process it started is gone, no trial and no MLflow run
+    is left RUNNING, the trial is retried by the next run. The storage URL carries a password and
+    HF_TOKEN is set: neither reaches the terminal or any MLflow param, tag or artifact."""
+    if local_postgres.server_binaries() is None:
+        pytest.skip("PostgreSQL server binaries not installed (setup.sh installs them as root)")
+    password, token = "S3cretPassw0rd", "hf_T0kenForNoLogAtAll"
+    home = tmp_path / "home"
+    with local_postgres.cluster(tmp_path / "pg") as url:
+        storage = url.replace("postgres@", f"postgres:{password}@")  # trust auth: the password is not checked
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"HF_TOKEN": token}
+        run = subprocess.Popen(
+            [sys.executable, "-m", "search", "run", "--study", "term", "--storage", storage, "--space", str(SPACE),
+             "--set", "compress.scheme=w4a16", "--trials", "2", "--home", str(home),
+             "--serve-python", serve_python, "--compress-python", main_python],
+            cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server_log = home / "studies" / "term" / "trial-0000" / "server.log"
+        deadline = time.monotonic() + 900
+        while not server_log.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert server_log.exists(), run.communicate()[1][-3000:]
+        started = psutil.Process(run.pid).children(recursive=True)  # lifelines, vLLM, the compression worker
+        assert any("vllm" in " ".join(p.cmdline()) for p in started)
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=120)
+
+        assert run.returncode == 143
+        assert [line for line in err.splitlines() if line.strip()][-1].startswith(
+            "interrupted by SIGTERM: the running trial is recorded as failed and is retried on the next run")
+        _, orphans = psutil.wait_procs(started, timeout=30)
+        assert orphans == []
+        study = optuna.load_study(study_name="term", storage=url)
+        trials = study.get_trials()
+        assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+        assert trials[0].user_attrs["reason"] == "interrupted (SIGTERM)" and trials[0].user_attrs["interrupted"]
+        assert study_mod.retry_interrupted(study) == 1  # what the next run does first
+        queued = study.get_trials()[-1]
+        assert queued.state == optuna.trial.TrialState.WAITING and queued.user_attrs["retry_of"] == 0
+        assert queued.system_attrs["fixed_params"] == trials[0].params
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "KILLED"]  # the trial's, the study's
+    texts = [out, err]
+    for r in runs:
+        texts += [json.dumps(r.data.params), json.dumps(r.data.tags)]
+        folder = Path(client.download_artifacts(r.info.run_id, "", str(tmp_path / "art" / r.info.run_id)))
+        texts += [f.read_text(errors="replace") for f in folder.rglob("*") if f.is_file()]
+    assert len(texts) > 6  # the trial's artifacts came along (server.log, vllm_config.yaml, ...)
+    assert not [t for t in texts if password in t or token in t]
+    assert "postgres:***@" in json.dumps([r.data.tags.get("storage") for r in runs])

@@ -224,14 +224,22 @@ def test_flap_pruned_toy_gives_transformers_greedy_tokens_in_vllm(toy_model, tmp
 
 
 def test_flap_then_gptq_w4a16_loads_in_vllm(toy_model, tmp_path, compressor, flap_cache, serve_python,
-                                            plugin_installed):
-    """Quantization after pruning: seed 004's order; the compensation bias stays bf16 beside int4 weights."""
-    config = cfg.build({**FLAP_PROFILE, "compress.scheme": "w4a16", "compress.method": "gptq",
-                        "compress.group_size": 64}).compress
+                                            plugin_installed, platform):
+    """Quantization after pruning: seed 004's order; the compensation bias stays bf16 beside int4 weights.
+    Where this CPU's vLLM library has no 4-bit kernel, the configuration is infeasible and vLLM agrees."""
+    trial_config = cfg.build({**FLAP_PROFILE, "compress.scheme": "w4a16", "compress.method": "gptq",
+                              "compress.group_size": 64})
+    config = trial_config.compress
     result = compress(config, toy_model, flap_cache, compressor, "test", tmp_path / "compress.log")
     saved = json.loads((result.checkpoint / "config.json").read_text())
     assert saved["quantization_config"] and len(set(saved["text_config"]["intermediate_sizes"])) > 1
     loaded = in_vllm(serve_python, result.checkpoint, ENGINE)
+    try:
+        feasibility.check(trial_config, platform)
+    except Infeasible as exc:
+        assert "cpu_gemm_wna16" in str(exc)
+        assert not loaded["ok"] and "cpu_gemm_wna16" in loaded["error"]
+        return
     assert loaded["ok"], loaded.get("error")
     assert loaded["tokens"] == 4
 

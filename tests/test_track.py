@@ -36,6 +36,16 @@ def test_records_wait_while_mlflow_is_away_then_arrive(tmp_path, monkeypatch):
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["recipe-1.yaml"]
 
 
-def test_redact():
+def test_redact(monkeypatch):
     assert redact("postgresql://user:secret@host:5432/db") == "postgresql://user:***@host:5432/db"
     assert redact("sqlite:///x.db") == "sqlite:///x.db"
+    # SQLAlchemy alone ends the password at its first @ and would show "u:***@ss@h".
+    assert redact("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u@h/db?sslmode=require&password=secret") == (
+        "postgresql://u@h/db?sslmode=require&password=***")
+    assert redact("error: cannot reach storage postgresql://u:secret@h:9/db: refused") == (
+        "error: cannot reach storage postgresql://u:***@h:9/db: refused")
+    assert redact("host=h user=u password=secret dbname=x") == "host=h user=u password=*** dbname=x"
+    assert redact("http://user:pw@mlflow:5000/api") == "http://user:***@mlflow:5000/api"
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    assert redact("token is hf_abcdefgh") == "token is ***"

@@ -1,5 +1,6 @@
-"""Several workers on one study through a real PostgreSQL: no trial lost or duplicated, a worker
-killed with SIGKILL mid-trial has its trial failed by the others and run again."""
+"""Several workers on one study through a real PostgreSQL: no trial lost or duplicated, exactly
+--trials finished, a worker killed with SIGKILL mid-trial has its trial failed by the others and run
+again and leaves no process behind; MLflow away at start and mid-study loses no record."""
 
 import os
 import signal
@@ -10,11 +11,12 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from search import local_postgres
-from search.serve import free_port
+from search import local_postgres, summaries
+from search.net import free_port
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "workers_space.yaml"
@@ -39,7 +41,8 @@ def postgres(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, main_python):
+def mlflow_process(tmp_path_factory, main_python):
+    """(process, URL) of a real MLflow tracking server, in a process group of its own."""
     base = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     proc = subprocess.Popen([str(Path(main_python).parent / "mlflow"), "server", "--backend-store-uri",
@@ -47,8 +50,13 @@ def mlflow_server(tmp_path_factory, main_python):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_port(port, 120)
-    yield f"http://127.0.0.1:{port}"
+    yield proc, f"http://127.0.0.1:{port}"
     os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_process):
+    return mlflow_process[1]
 
 
 def test_three_workers_share_a_study_and_survive_a_sigkill(postgres, mlflow_server, tmp_path, serve_python,
@@ -74,7 +82,12 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(postgres, mlflow_serv
                 killed_trial = t.number
         time.sleep(0.5)
     assert killed_trial is not None, "the victim never ran a trial"
-    os.killpg(victim.pid, signal.SIGKILL)  # the worker and its vLLM server, no clean-up
+    # Its vLLM server and compression worker lead sessions of their own: SIGKILL of the worker's
+    # group does not reach them, their lifelines must stop them.
+    children = psutil.Process(victim.pid).children(recursive=True)
+    os.killpg(victim.pid, signal.SIGKILL)  # the worker, no clean-up
+    _, orphans = psutil.wait_procs(children, timeout=30)
+    assert orphans == [], [p.cmdline()[:4] for p in orphans]
     for w in workers[1:]:
         assert w.wait(timeout=1500) == 0, (tmp_path / "w1.log").read_text()[-2000:]
 
@@ -85,7 +98,7 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(postgres, mlflow_serv
     assert len(retries) == 1 and retries[0].state.is_finished()
     assert retries[0].params == killed.params
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert len(finished) >= 12
+    assert summaries.finished(optuna.load_study(study_name="shared", storage=storage)) == 12  # exactly --trials
     assert len({t.number for t in trials}) == len(trials)  # no number handed out twice
     assert len({t.user_attrs["worker"] for t in finished}) >= 2  # the survivors shared the work
 
@@ -94,3 +107,43 @@ def test_three_workers_share_a_study_and_survive_a_sigkill(postgres, mlflow_serv
     logged = sorted(int(r.data.tags["search.trial"]) for r in runs if "search.trial" in r.data.tags)
     assert logged == sorted(t.number for t in finished + [t for t in trials if t.state == optuna.trial.TrialState.FAIL
                                                           and t.number != killed_trial])
+
+
+def test_mlflow_away_at_start_and_mid_study_loses_no_record(mlflow_process, tmp_path, monkeypatch):
+    """The tracking server hangs (stopped: its requests time out) before the study's first write,
+    and again between two trials. Every record, the study's own included, waits in the spool and
+    arrives once; the study's run ends FINISHED. Each away phase sends one read only (the backoff
+    holds the rest back), so nothing the stopped server answers late is written twice."""
+    from search.track import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    server, url = mlflow_process
+
+    def trial(number):
+        return {"number": number, "params": {"compress.scheme": "w4a16"}, "metrics": {"energy_j_per_request": 1.0},
+                "artifacts": [], "tags": {"state": "COMPLETE"}}
+
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        tracker = Tracker(url, "away", tmp_path / "art", tmp_path / "spool")
+        tracker.log_study({"definition.gate": 0.8}, {"seed": 0})
+        tracker.log_trial(trial(0))
+        assert len(tracker.pending()) == 2
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    assert tracker.flush(force=True) == 0  # back: the spool replays
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        tracker.log_trial(trial(1))
+        assert len(tracker.pending()) == 1
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    assert tracker.close("FINISHED") == 0
+
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("away").experiment_id])
+    parent, = [r for r in runs if r.data.tags.get("search.study_parent") == "true"]
+    assert parent.info.status == "FINISHED" and parent.data.params == {"definition.gate": "0.8"}
+    children = sorted((int(r.data.tags["search.trial"]), r.info.status) for r in runs if "search.trial" in r.data.tags)
+    assert children == [(0, "FINISHED"), (1, "FINISHED")]

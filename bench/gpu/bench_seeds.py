@@ -8,7 +8,7 @@ subcommand and interpreter environment, because llmcompressor and vLLM cannot sh
                                ~150M parameters; 280 soft tokens an image); no audio tower. Built in
                                bf16 directly on the GPU from a fixed seed, saved with a tokenizer
                                (262144 entries), chat template and image processor, then completed
-                               in the layout vLLM 0.26 loads (search.compress.kv_shared).
+                               in the layout vLLM 0.26 loads (search.models.gemma4).
   compress  (compression env)  one checkpoint per configuration: the same seeded twin rebuilt on the
                                GPU, the project's recipe (search.compress.recipe.build_recipe), its
                                pipeline choice (pipeline_for: "basic" on Gemma 4) and its built-in
@@ -221,7 +221,7 @@ def device_of_choice() -> str:
 def cmd_build(args) -> None:
     import torch
 
-    from search.compress.kv_shared import complete_kv_shared
+    from search.models.gemma4 import complete_kv_shared
     from search.toy_model import save_processor
 
     root = Path(args.root)
@@ -296,7 +296,7 @@ def compress_one(name: str, root: Path, toy: bool) -> dict:
     from transformers import AutoTokenizer, Gemma4Config
 
     from search.compress.calibration import builtin_texts
-    from search.compress.kv_shared import complete_kv_shared
+    from search.models.gemma4 import complete_kv_shared
     from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
     from search.compress.structured import flap_prune
     from search.compress.worker import _CARRIED

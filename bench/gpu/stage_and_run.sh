@@ -22,8 +22,29 @@ CODE=/tmp/bench-code
 mkdir -p "$S" "$OUTDIR"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
+collect_start() {  # startbench: 8 files, the server logs whole (their DEBUG lines time the phases)
+  for f in results.jsonl env.json driver.log product.log; do [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"; done
+  [ -f "$OUTDIR/twin-build.log" ] && cp "$OUTDIR/twin-build.log" "$OUT/"
+  # The product's server logs (baseline and trials) join the start cases' in one archive.
+  for f in /tmp/product/studies/*/*/server.log; do
+    [ -f "$f" ] && mkdir -p "$OUTDIR/server-logs/product" && cp "$f" "$OUTDIR/server-logs/product/$(basename "$(dirname "$f")").log"
+  done
+  [ -d "$OUTDIR/server-logs" ] && tar -czf "$OUT/server-logs.tgz" -C "$OUTDIR" server-logs
+  if [ -f /tmp/product/optuna.db ]; then
+    (cd "$CODE" && PYTHONPATH=/tmp/site-orch:/tmp/site-vllm:$CODE python3 -m search status --home /tmp/product \
+      > "$OUT/product-status.txt" 2>&1)
+    # The stores and every trial's server log and metrics (no checkpoints, data or images).
+    tar -czf "$OUT/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
+      --exclude="*.safetensors" -C /tmp product 2>/dev/null
+    if [ "$(stat -c %s "$OUT/product-study.tgz")" -gt 15000000 ]; then
+      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db
+    fi
+  fi
+}
+
 collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a product run 5)
   [ -n "${OUT:-}" ] || return 0
+  [ -f "$S/startbench" ] && { collect_start; return 0; }
   for f in results.md results.jsonl env.json driver.log compress.log product.log; do
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
   done
@@ -147,10 +168,38 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   echo "product run started (pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
 }
 
+twin() {  # the twin's build in the background (compression env), while the other parts arrive
+  [ -f "$S/llmc.ok" ] || { echo "stage p00 first"; return 1; }
+  [ -f /tmp/bench/base/BUILD_OK ] && { echo "twin already built"; return 0; }
+  local code=/tmp/twin-code  # its own copy: startbench replaces $CODE
+  rm -rf "$code" && mkdir -p "$code/bench" && cp -r search objectives spaces "$code/" && cp -r bench/gpu "$code/bench/"
+  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-llmc:$code" python3 "$code/bench/gpu/bench_seeds.py" build \
+    --root /tmp/bench > "$OUTDIR/twin-build.log" 2>&1 < /dev/null &
+  echo "twin build started (pid $!)"
+}
+
+startbench() {  # [server_start.py drive options]: issue 20's server-start breakdown (bench/gpu/server_start.py)
+  [ -f "$S/vllm.ok" ] || { echo "stage every part first (no $S/vllm.ok)"; return 1; }
+  rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-vllm:%s exec python3 "$@"\n' "$CODE" > /tmp/py-serve
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-llmc:%s exec python3 "$@"\n' "$CODE" > /tmp/py-compress
+  chmod +x /tmp/py-serve /tmp/py-compress
+  touch "$S/startbench"
+  # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
+  cd "$CODE" || return 1
+  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" \
+    python3 "$CODE/bench/gpu/server_start.py" drive "$@" > "$OUTDIR/driver.log" 2>&1 < /dev/null &
+  echo $! > "$S/driver.pid"
+  cd "$OLDPWD" || return 1
+  echo "startbench started (pid $(cat "$S/driver.pid")): $*; follow it with: wait SECONDS"
+}
+
 cmd=${1:-stage}; shift || true
 case "$cmd" in
   stage) stage "$@" ;;
   product) product "$@" ;;
+  twin) twin "$@" ;;
+  startbench) startbench "$@" ;;
   wait) wait_for "$@" ;;
   *) echo "usage: $0 stage [drive args] | product [TRIALS [run options]] | wait SECONDS"; exit 2 ;;
 esac

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import select
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,9 +16,11 @@ from pathlib import Path
 
 import yaml
 
+from search import lifeline
 from search.compress.cache import CheckpointCache
 from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
 from search.config import CompressionConfig, flatten
+from search.models import family_for
 
 
 class CompressionFailed(RuntimeError):
@@ -68,10 +73,11 @@ class Compressor:
 
     def run(self, spec_path: Path, log_path: Path, timeout_s: float) -> dict:
         if self._process is None or self._process.poll() is not None:
+            # A group of its own under a lifeline: the worker dies with this process, even by SIGKILL.
             self._process = subprocess.Popen(
-                [self.python, "-m", "search.compress.worker", "--serve"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                cwd=Path(__file__).resolve().parents[2])
+                lifeline.command(os.getpid(), [self.python, "-m", "search.compress.worker", "--serve"]),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                cwd=Path(__file__).resolve().parents[2], start_new_session=True)
         process = self._process
         process.stdin.write(f"{spec_path}\n")
         process.stdin.flush()
@@ -90,10 +96,12 @@ class Compressor:
         return reply["stats"]
 
     def close(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
+        """Kill the worker; safe from another thread (a trial over its time budget)."""
+        process, self._process = self._process, None
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache, compressor: Compressor,
@@ -104,7 +112,7 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
     started = time.perf_counter()
     model_config = json.loads((base_model / "config.json").read_text())
     num_layers = model_config.get("text_config", model_config)["num_hidden_layers"]
-    recipe = build_recipe(config, num_layers)
+    recipe = build_recipe(config, num_layers, family_for(model_config))
     ffn_widths = structured_widths(config, model_config)
     if not config.needs_checkpoint:
         return CompressResult(base_model, recipe, None, False, 0.0, 0.0, 0)

@@ -54,8 +54,8 @@ def run(spec: dict) -> dict:
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
 
-    from search.compress.kv_shared import complete_kv_shared
-    from search.compress.structured import flap_prune, load_pretrained
+    from search.compress.structured import flap_prune
+    from search.models import family_of
 
     imported = time.perf_counter()
     base, out = Path(spec["base_model"]), Path(spec["out_dir"])
@@ -63,7 +63,8 @@ def run(spec: dict) -> dict:
     # On a GPU machine the model is compressed there: GPTQ or SparseGPT of a full-size model on the
     # CPU takes hours. Gemma 4 runs the "basic" pipeline, which needs the whole model on one device.
     device_map = "cuda" if torch.cuda.is_available() else None
-    model = load_pretrained(base, dtype="auto", trust_remote_code=trust, device_map=device_map)
+    family = family_of(base)
+    model = family.load_for_compression(base, dtype="auto", trust_remote_code=trust, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     ffn_widths = spec.get("ffn_widths")  # structured pruning's per-layer widths, or None
     kwargs = {}
@@ -93,8 +94,7 @@ def run(spec: dict) -> dict:
     else:  # structured pruning alone: a plain bf16 checkpoint
         compressed = time.perf_counter()
         model.save_pretrained(out)
-    # vLLM 0.26 refuses Gemma 4 checkpoints without the KV-shared layers' k_norm (GPU machines run it).
-    kv_shared_added = len(complete_kv_shared(out))
+    kv_shared_added = len(family.complete_checkpoint(out))  # what vLLM needs and save_pretrained leaves out
     tokenizer.save_pretrained(out)
     for name in _CARRIED:
         if (base / name).exists():

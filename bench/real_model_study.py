@@ -1,0 +1,92 @@
+"""A finished real-model study in numbers: which configurations pass and fail the gate and why, the
+(energy, recovery) front, and whether the label-free signal predicts the labelled one (Spearman's
+rho of label recovery against top-1 agreement and against top-k KL over the same trials).
+
+Usage: python bench/real_model_study.py --home HOME --study NAME --out bench/results/FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.real_model_quality import machine  # noqa: E402
+from search import study as study_mod  # noqa: E402
+from search.export import Point, pareto_front  # noqa: E402
+from search.summaries import counts, measured  # noqa: E402
+
+
+def ranks(values: list[float]) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (as Spearman's rho needs)."""
+    x = np.asarray(values, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+SHOWN = ("compress.scheme", "compress.method", "compress.group_size", "compress.targets", "serve.kv_cache_dtype",
+         "serve.max_num_seqs", "workload.verbosity", "workload.max_tokens")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--study", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--wall", type=float, default=None, help="the run command's wall seconds, if timed")
+    args = parser.parse_args()
+    study = study_mod.load_study(args.study, f"sqlite:///{(args.home / 'optuna.db').resolve()}")
+    trials = measured(study)
+    rows = []
+    for t in trials:
+        m, c = t.user_attrs.get("metrics", {}), t.user_attrs.get("config", {})
+        rows.append({"trial": t.number, "feasible": bool(t.user_attrs.get("feasible")),
+                     "energy_j_per_request": m.get("energy_j_per_request"), "recovery_mean": m.get("recovery_mean"),
+                     "recovery_low_mean": float(np.mean([v for k, v in m.items()
+                                                         if k.startswith("recovery_") and k.endswith("_low")])),
+                     "top1_agreement": m.get("top1_agreement"), "topk_kl": m.get("topk_kl"),
+                     "tokens_per_answer": m.get("tokens_per_answer"),
+                     "trial_s": t.duration.total_seconds() if t.duration else None,
+                     **{k: c.get(k) for k in SHOWN}})
+    others = [t for t in study.get_trials(deepcopy=False) if t.number not in {r["trial"] for r in rows}]
+    scored = [r for r in rows if r["top1_agreement"] is not None]
+    label = [r["recovery_mean"] for r in scored]
+    front = pareto_front([Point(r["trial"], r["energy_j_per_request"], r["recovery_mean"], r["feasible"]) for r in rows])
+    out = {
+        "command": " ".join(["python", *sys.argv]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(), "study": args.study, "wall_s": args.wall,
+        "counts": counts(study),
+        "passed": sum(r["feasible"] for r in rows), "failed_gate": sum(not r["feasible"] for r in rows),
+        "not_measured": dict(Counter(t.user_attrs.get("reason", t.state.name).split(":")[0] for t in others)),
+        "spearman": {"recovery_vs_top1_agreement": spearman(label, [r["top1_agreement"] for r in scored]),
+                     "recovery_vs_topk_kl": spearman(label, [r["topk_kl"] for r in scored]), "n": len(scored)},
+        "front": [{"trial": p.trial, "feasible": p.feasible, "energy_j_per_request": p.energy,
+                   "recovery_mean": p.recovery} for p in front],
+        "trials": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(json.dumps({k: out[k] for k in ("counts", "passed", "failed_gate", "spearman")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""What a study holds, read from its trials: counts by state, the best feasible trial, progress.
+
+Shared by the study loop, the live progress line, the CLI and the export, so none of them imports
+another for it.
+"""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+# The constraint an infeasible trial violates: it cannot run on this hardware and vLLM build.
+RUNS_HERE = "runs_here"
+
+
+def is_infeasible(trial: FrozenTrial) -> bool:
+    """Rejected before any work (this platform cannot run it): complete, with RUNS_HERE violated."""
+    return bool(trial.user_attrs.get("infeasible"))
+
+
+def measured(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete trials that ran: their values are measurements."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_infeasible(t)]
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by state. `feasible` is the part of `complete` that passed the recovery gate;
+    `infeasible` are configurations rejected before any work (they cannot run here)."""
+    out = {"complete": 0, "feasible": 0, "pruned": 0, "infeasible": 0, "failed": 0, "running": 0, "waiting": 0}
+    for t in study.get_trials(deepcopy=False):
+        if is_infeasible(t):
+            out["infeasible"] += 1
+        elif t.state == TrialState.COMPLETE:
+            out["complete"] += 1
+            out["feasible"] += bool(t.user_attrs.get("feasible"))
+        elif t.state == TrialState.PRUNED:
+            out["pruned"] += 1
+        elif t.state == TrialState.FAIL:
+            out["failed"] += 1
+        elif t.state == TrialState.RUNNING:
+            out["running"] += 1
+        elif t.state == TrialState.WAITING:
+            out["waiting"] += 1
+    return out
+
+
+def best_feasible(study: optuna.Study) -> FrozenTrial | None:
+    return min((t for t in measured(study) if t.user_attrs.get("feasible")), key=lambda t: t.values[0], default=None)
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that count towards --trials: complete, pruned, and failed ones that are not retried."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.number not in retried))
