@@ -153,10 +153,6 @@ def prefix_cache_counts(before: dict[str, float], after: dict[str, float]) -> tu
             after.get("vllm:prefix_cache_queries_total", 0.0) - before.get("vllm:prefix_cache_queries_total", 0.0))
 
 
-def _add(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    return a[0] + b[0], a[1] + b[1]
-
-
 def check_energy_source(runtime: Runtime, reading: energy.EnergyReading) -> None:
     """A window read by another meter than the study's fails the trial: the two do not compare."""
     if runtime.energy_source and reading.source.split("-")[0] != runtime.energy_source:  # nvml-power is NVML
