@@ -50,8 +50,9 @@ def _run_options(run: argparse.ArgumentParser) -> None:
                      help="tpe: minimise energy s.t. recovery >= gate (default); nsga2/motpe: the "
                           "(energy, recovery) front")
     run.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
-    run.add_argument("--warm-start", choices=["none", "seeds"], default="none",
-                     help="seeds: enqueue the five seed configurations and the bf16 reference first")
+    run.add_argument("--warm-start", default="none", metavar="none|seeds|PRESETS.yaml",
+                     help="seeds: enqueue the five seed configurations and the bf16 reference first; a YAML "
+                          "of named configurations (spaces/presets/seeds.yaml's format): enqueue those")
     run.add_argument("--gate", type=float, default=0.8, help="minimum mean recovery (default: 0.8)")
     run.add_argument("--gate-use", choices=["point", "lower"], default="point",
                      help="gate on the point estimate or the bootstrap lower bound (default: point)")
@@ -198,6 +199,12 @@ def check_numbers(args) -> None:
             raise ValueError(f"{flag} is a fraction of the reference's quality: {value} is not in [0, 1]")
 
 
+def _existing(path: str, option: str) -> Path:
+    if not Path(path).is_file():
+        raise ValueError(f"{option} {path}: no such file (expected none, seeds or a presets YAML)")
+    return Path(path)
+
+
 def _is_hub_id(model: str) -> bool:
     return "/" in model and not model.startswith((".", "/")) and not Path(model).exists()
 
@@ -292,7 +299,8 @@ def cmd_run(args) -> int:
         space = space.pinned(overrides)
         cfg.build(space.fixed)
         space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
-    presets = space_mod.load_presets(DEFAULT_PRESETS)
+    presets = space_mod.load_presets(
+        DEFAULT_PRESETS if args.warm_start in ("none", "seeds") else _existing(args.warm_start, "--warm-start"))
     model_name = str(args.model or space.model)
     check_model_argument(model_name)
     for label, python in (("serving", args.serve_python), ("compression", args.compress_python)):

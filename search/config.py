@@ -143,6 +143,13 @@ class ServeConfig:
     mm_processor_cache_gb: float = 0.0
     enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.2
+    # The most GPU memory vLLM may take (weights, activations, CUDA graphs, KV cache), whatever the
+    # card: a study on an H200 sees the capacity limits of the card it deploys on (an L4: 22).
+    # Replaces gpu_memory_utilization with budget / this GPU's memory.
+    memory_budget_gib: float | None = None
+    # "marlin" forces vLLM's FP8 Marlin kernel (VLLM_TEST_FORCE_FP8_MARLIN=1): what seed 002's card
+    # needed for its FP8 checkpoint on an L4 (sm_89); "auto" lets vLLM choose.
+    fp8_kernel: Literal["auto", "marlin"] = "auto"
     limit_images: int = 1
     image_soft_tokens: Literal[70, 140, 280, 560, 1120] = 70
     enforce_eager: bool = True
@@ -168,6 +175,8 @@ class ServeConfig:
                               "expected 'workload' or 'vllm'")
         if self.max_model_len < 128 or self.max_num_seqs < 1:
             raise ConfigError("serve.max_model_len must be >= 128 and serve.max_num_seqs >= 1")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ConfigError("serve.memory_budget_gib must be > 0 (GiB)")
         if self.mm_processor_cache_gb < 0:
             raise ConfigError("serve.mm_processor_cache_gb must be >= 0")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
@@ -204,6 +213,9 @@ class WorkloadConfig:
     # The window the objective is read from: the whole run, or its steady state (search/windows.py).
     # Whole by default: a CPU toy's few requests have almost no steady state; the GPU spaces pick steady.
     objective_window: Literal["whole", "steady"] = "whole"
+    # A steady window shorter than this is too short to read (NVML updates at ~10 Hz; Zeus settles
+    # on >= 5 s): with the objective on the steady window, such a trial fails saying so.
+    min_steady_s: float = 5.0
 
     @property
     def max_in_flight(self) -> int:
@@ -219,6 +231,8 @@ class WorkloadConfig:
             raise ConfigError("workload.energy_repeats must be >= 1")
         if not 0.0 <= self.max_failed_share < 1.0:
             raise ConfigError("workload.max_failed_share must be in [0, 1)")
+        if self.min_steady_s < 0:
+            raise ConfigError("workload.min_steady_s must be >= 0")
         if self.rate_rps <= 0:
             raise ConfigError("workload.rate_rps must be > 0")
 

@@ -45,6 +45,7 @@ class Platform:
     # The vLLM plugin that serves per-layer FFN widths (plugins/gemma4_pruned), when installed.
     pruned_ffn_plugin: str | None = None
     cpu: CpuBuild | None = None  # on a machine without a GPU
+    gpu_memory_gib: float | None = None  # the GPU's whole memory, which serve.memory_budget_gib is a share of
 
 
 _PROBE = """
@@ -65,6 +66,7 @@ try:
     name = pynvml.nvmlDeviceGetName(h)
     out["gpu"] = name.decode() if isinstance(name, bytes) else name
     out["capability"] = list(pynvml.nvmlDeviceGetCudaComputeCapability(h))
+    out["memory_gib"] = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30
 except Exception:
     pass
 print(json.dumps(out))
@@ -139,6 +141,7 @@ def probe(serve_python: str, compress_python: str, cache_dir: Path | None = None
         compress_device="cuda" if compress.get("gpu") else "cpu",
         pruned_ffn_plugin=None if serve["pruned_ffn_plugin"] == "missing" else serve["pruned_ffn_plugin"],
         cpu=None if gpu else probe_cpu_build(serve_python, serve["vllm"], cache_dir),
+        gpu_memory_gib=serve.get("memory_gib") if gpu else None,
     )
 
 
@@ -171,9 +174,22 @@ def check(config: TrialConfig, platform: Platform, family: ModelFamily = DEFAULT
             raise Infeasible(f"an FP8 KV cache needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
         if scheme == "nvfp4a16" and cap < (10, 0):
             raise Infeasible(f"NVFP4 needs a Blackwell GPU (capability >= 10.0), this GPU has {cap[0]}.{cap[1]}")
+    _check_memory_budget(config, platform)
     family.check_serving(config, platform)
     if config.compress.method == "awq" and scheme == "w4a16" and platform.compress_device == "cpu":
         raise Infeasible("llmcompressor's AWQ pins memory on an accelerator; it cannot run without a GPU")
+
+
+def _check_memory_budget(config: TrialConfig, platform: Platform) -> None:
+    budget = config.serve.memory_budget_gib
+    if budget is None:
+        return
+    if platform.device == "cpu":
+        raise Infeasible(f"serve.memory_budget_gib ({budget:g} GiB) caps GPU memory and this machine has no GPU "
+                         "(vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE)")
+    if platform.gpu_memory_gib and budget > platform.gpu_memory_gib:
+        raise Infeasible(f"serve.memory_budget_gib {budget:g} GiB is more than this GPU's "
+                         f"{platform.gpu_memory_gib:.1f} GiB ({platform.gpu_name})")
 
 
 def _check_cpu_build(scheme: str, kv: str, build: CpuBuild | None) -> None:

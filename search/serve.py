@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ import httpx
 import yaml
 
 from search import lifeline
-from search.config import CompressionConfig, ServeConfig
+from search.config import CompressionConfig, ConfigError, ServeConfig
 from search.net import free_port, port_in_use
 
 
@@ -41,11 +42,18 @@ def cudagraph_capture_sizes(max_batch: int) -> list[int]:
     return sizes if sizes[-1] == cap else [*sizes, cap]
 
 
-def vllm_config(serve: ServeConfig, compress: CompressionConfig, max_batch: int | None = None) -> dict[str, Any]:
+def vllm_config(serve: ServeConfig, compress: CompressionConfig, max_batch: int | None = None,
+                gpu_memory_gib: float | None = None) -> dict[str, Any]:
     """Engine arguments as `vllm serve --config` reads them (kebab-case keys, nested dicts as JSON).
 
     max_batch: the most requests the workload has in flight (its concurrency), which bounds the
-    CUDA-graph capture sizes under `serve.cudagraph_capture: workload` together with max_num_seqs."""
+    CUDA-graph capture sizes under `serve.cudagraph_capture: workload` together with max_num_seqs.
+    gpu_memory_gib: the GPU's whole memory, of which serve.memory_budget_gib is given as vLLM's share."""
+    utilization = serve.gpu_memory_utilization
+    if serve.memory_budget_gib is not None:
+        if not gpu_memory_gib:
+            raise ConfigError("serve.memory_budget_gib needs the GPU's memory size (no GPU found)")
+        utilization = round(min(1.0, serve.memory_budget_gib / gpu_memory_gib), 4)
     args: dict[str, Any] = {
         "dtype": serve.dtype,
         "kv-cache-dtype": serve.kv_cache_dtype,
@@ -53,7 +61,7 @@ def vllm_config(serve: ServeConfig, compress: CompressionConfig, max_batch: int 
         "max-num-seqs": serve.max_num_seqs,
         "enable-prefix-caching": serve.enable_prefix_caching,
         "enable-chunked-prefill": serve.enable_chunked_prefill,
-        "gpu-memory-utilization": serve.gpu_memory_utilization,
+        "gpu-memory-utilization": utilization,
         "limit-mm-per-prompt": {"image": serve.limit_images, "audio": 0, "video": 0},
         "mm-processor-kwargs": {"max_soft_tokens": serve.image_soft_tokens},
         "mm-processor-cache-gb": serve.mm_processor_cache_gb,
@@ -78,6 +86,11 @@ def vllm_config(serve: ServeConfig, compress: CompressionConfig, max_batch: int 
     # prefix caching and chunked prefill on: a false flag is written as its --no-key form instead.
     return {(key if value is not False else f"no-{key}"): (True if value is False else value)
             for key, value in args.items()}
+
+
+def engine_env(serve: ServeConfig) -> dict[str, str]:
+    """Environment variables a configuration needs in its server (vLLM reads these, not arguments)."""
+    return {"VLLM_TEST_FORCE_FP8_MARLIN": "1"} if serve.fp8_kernel == "marlin" else {}
 
 
 def compile_cache_env(root: Path) -> dict[str, str]:
@@ -357,17 +370,18 @@ class ServerPool:
         self._current: tuple[tuple, Server] | None = None
         self._lock = threading.Lock()  # a trial's budget watchdog stops servers from its own thread
 
-    def get(self, model: Path, config: dict[str, Any], workdir: Path) -> tuple[Server, bool]:
-        """(server, reused)."""
+    def get(self, model: Path, config: dict[str, Any], workdir: Path,
+            env: dict[str, str] | None = None) -> tuple[Server, bool]:
+        """(server, reused); env: the configuration's own variables (engine_env) over the pool's."""
         config = {**config, "trust-remote-code": self.trust_remote_code}
-        key = (str(model), yaml.safe_dump(config, sort_keys=True))
+        key = (str(model), yaml.safe_dump(config, sort_keys=True), json.dumps(env or {}, sort_keys=True))
         if self._current and self._current[0] == key and self._current[1].alive():
             return self._current[1], True
         self.close()
         path_lock = model_path_lock(self.compile_cache, model) if self.compile_cache else None
         try:
             served = stable_model_path(model, self.compile_cache) if self.compile_cache else model
-            server = launch(self.python, served, config, workdir, self.env)
+            server = launch(self.python, served, config, workdir, {**(self.env or {}), **(env or {})})
             # Registered while it starts, so that a trial over its budget can stop it before it is ready.
             with self._lock:
                 self._current = (key, server)

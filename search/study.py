@@ -321,7 +321,7 @@ def _finite(value: Any) -> bool:
 
 def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: dict,
         tracker: Tracker, options: RunOptions, progress: Progress) -> dict[str, int]:
-    if options.warm_start == "seeds":
+    if options.warm_start != "none":
         warm_start(study, space, options.presets)
     retry_interrupted(study)
     objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,

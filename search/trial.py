@@ -29,7 +29,7 @@ from search.compress import CheckpointCache, Compressor, compress
 from search.config import ConfigError, Infeasible, TrialConfig, WorkloadConfig, flatten
 from search.feasibility import Platform
 from search.models import ModelFamily, family_of
-from search.serve import Server, ServerFailed, ServerPool, vllm_config
+from search.serve import Server, ServerFailed, ServerPool, engine_env, vllm_config
 from search.workload import Prompt, RequestResult
 
 Stage = Callable[[str], None]
@@ -119,9 +119,15 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage) -> dict
         raise RuntimeError(f"baseline requests failed: {errors[0]}")
     stage("baseline: teacher forcing")
     items = []
+    forced = set()
     for prompt, result in zip(prompts, results):
-        positions = workload.teacher_forced_logprobs(server.base_url, server.served_name, prompt,
-                                                     result.answer, ref.workload)
+        # A prompt the workload repeats (more requests than task items) is compared once: fidelity
+        # items are distinct prompts, and a repeat would cost a teacher-forced pass for no new evidence.
+        positions = None
+        if prompt.id not in forced:
+            forced.add(prompt.id)
+            positions = workload.teacher_forced_logprobs(server.base_url, server.served_name, prompt,
+                                                         result.answer, ref.workload)
         items.append({"id": prompt.id, "task": prompt.task, "answer": result.answer,
                       "positions": positions, "completion_tokens": result.completion_tokens,
                       "label_score": get_scorer(prompt.scorer)(result.answer, list(prompt.answers))})
@@ -141,9 +147,12 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage) -> dict
 # Stages
 
 
+def engine_args(runtime: Runtime, config: TrialConfig) -> dict[str, Any]:
+    return vllm_config(config.serve, config.compress, config.workload.max_in_flight, runtime.platform.gpu_memory_gib)
+
+
 def _serve(runtime: Runtime, model: Path, config: TrialConfig, workdir: Path) -> Server:
-    server, _ = runtime.pool.get(model, vllm_config(config.serve, config.compress, config.workload.max_in_flight),
-                                  workdir)
+    server, _ = runtime.pool.get(model, engine_args(runtime, config), workdir, engine_env(config.serve))
     return server
 
 
@@ -196,6 +205,8 @@ def _fidelity(server: Server, baseline_items: list[dict], prompts_by_id: dict[st
     tokens past the trial's max_tokens, which the trial would never have produced, count as misses."""
     out = []
     for item in baseline_items:
+        if item["positions"] is None:  # a repeat of a prompt compared already
+            continue
         positions = workload.teacher_forced_logprobs(server.base_url, server.served_name,
                                                      prompts_by_id[item["id"]], item["answer"], settings)
         base, trial = fidelity.common_suffix(item["positions"], positions)
@@ -271,10 +282,10 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     tags.update({"cache_hit": str(result.cache_hit).lower(), "cache_key": result.key or "none"})
 
     done = timed("serve")
-    engine = vllm_config(config.serve, config.compress, config.workload.max_in_flight)
+    engine = engine_args(runtime, config)
     (workdir / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
     artifacts.append(workdir / "vllm_config.yaml")
-    server, reused = runtime.pool.get(result.checkpoint, engine, workdir)
+    server, reused = runtime.pool.get(result.checkpoint, engine, workdir, engine_env(config.serve))
     done()
     # What a deployment needs to answer a bare request with this trial's system turn (search/export.py).
     system, template = workload.SYSTEM_PROMPTS[config.workload.verbosity], workload.chat_template(result.checkpoint)
@@ -298,7 +309,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     # The quality screen, before any energy is measured: the first items' scores decide whether
     # the trial can still reach the gate, so a hopeless one is pruned without a measurement and
     # the measured window is never split.
-    base_items = baseline["items"]
+    base_items = [item for item in baseline["items"] if item["positions"] is not None]  # distinct prompts
     split = max(1, round(len(prompts) * config.workload.early_check_fraction))
     base_split = max(1, round(len(base_items) * config.workload.early_check_fraction))
     done = timed("screen")
@@ -352,12 +363,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
         [(r.token_times[0], r.ended_at) for r in ok if r.token_times], [r.token_times for r in ok],
         reading.trace, reading.started_at, reading.joules_gross, reading.idle_w, config.serve.max_num_seqs,
         stats["tokens_per_answer"]))
-    if config.workload.objective_window == "steady":
-        if not metrics.get("steady_window_s"):
-            raise RuntimeError("the workload had no steady state to measure (workload.objective_window: steady "
-                               "needs more requests than max_num_seqs, or all at once)")
-        metrics["whole_energy_j_per_request"] = metrics["energy_j_per_request"]
-        metrics["energy_j_per_request"] = metrics["steady_energy_j_per_request"]
+    read_objective_window(metrics, config.workload)
     metrics["failed_requests"] = len(results) - served
     # What the measured windows took from vLLM's prefix cache: 0 unless the study turned it on.
     metrics["prefix_cache_hit_rate"] = cache_counts[0] / cache_counts[1] if cache_counts[1] else 0.0
@@ -375,7 +381,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
         metrics["top1_agreement"] = sum(r[1] for r in fidelity_rows) / len(fidelity_rows)
         metrics["topk_kl"] = sum(r[2] for r in fidelity_rows) / len(fidelity_rows)
     metrics["answer_agreement"] = fidelity.answer_agreement(
-        [i["answer"] for i in base_items], _answers_for(base_items, results))
+        [i["answer"] for i in baseline["items"]], _answers_for(baseline["items"], results))
     if len(repeat_j_per_request) > 1:
         spread = energy.spread(repeat_j_per_request)
         metrics.update({f"energy_j_per_request_{k}": v for k, v in spread.items()})
@@ -397,6 +403,23 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     energy.plot_trace(reading, trace_png)
     artifacts += [answers_path, trace_csv, trace_png]
     return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], feasible, metrics, tags, artifacts)
+
+
+def read_objective_window(metrics: dict[str, float], settings: WorkloadConfig) -> None:
+    """Put the objective window's J/request in `energy_j_per_request` (the whole run's stays as
+    `whole_energy_j_per_request`); a steady window that is missing or too short to read fails the trial."""
+    if settings.objective_window != "steady":
+        return
+    steady_s = metrics.get("steady_window_s") or 0.0
+    if not steady_s:
+        raise RuntimeError("the workload had no steady state to measure (workload.objective_window: steady "
+                           "needs more requests than max_num_seqs, or all at once)")
+    if steady_s < settings.min_steady_s:
+        raise RuntimeError(f"the steady state lasted {steady_s:.1f} s, under workload.min_steady_s "
+                           f"{settings.min_steady_s:g} s: too short to read; more requests or longer answers "
+                           "lengthen it")
+    metrics["whole_energy_j_per_request"] = metrics["energy_j_per_request"]
+    metrics["energy_j_per_request"] = metrics["steady_energy_j_per_request"]
 
 
 def floor_metrics(checkpoint: Path, config: TrialConfig, stats: dict, prompts: list[Prompt],
@@ -444,7 +467,7 @@ def _check_reachable(gate: Gate, config: TrialConfig, baseline: dict, results: l
     totals: dict[str, list[float]] = {}
     wanted = None if config.workload.quality == "fidelity" else set(trial_ids)
     for item in baseline["items"]:
-        if wanted is None or item["id"] in wanted:
+        if (item["positions"] is not None) if wanted is None else item["id"] in wanted:
             count_and_sum = totals.setdefault(item["task"], [0, 0.0])
             count_and_sum[0] += 1
             count_and_sum[1] += 1.0 if wanted is None else item["label_score"]

@@ -9,6 +9,7 @@ import pytest
 
 from search import config as cfg
 from search import space as space_mod
+from search import study as study_mod
 from search.config import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -143,6 +144,21 @@ def test_presets_are_valid_configs():
     assert config.serve.gpu_memory_utilization == space.fixed["serve.gpu_memory_utilization"]
 
 
+def test_a_presets_file_is_enqueued_in_its_order_with_values_outside_the_space_kept(tmp_path):
+    presets_file = tmp_path / "presets.yaml"
+    presets_file.write_text("small: {config: {serve.max_num_seqs: 64}}\n"
+                            "small_budget: {config: {serve.max_num_seqs: 64, serve.memory_budget_gib: 22}}\n")
+    presets = space_mod.load_presets(presets_file)
+    space = space_mod.load(PROJECT / "bench" / "gpu" / "space-steady.yaml")
+    study = optuna.create_study()
+    assert study_mod.warm_start(study, space, presets) == 2
+    names = [trial.user_attrs["preset"] for trial in study.get_trials()]
+    assert names == ["small", "small_budget"]
+    configs = [space.sample(study.ask(), presets[name]) for name in names]
+    assert [c.serve.memory_budget_gib for c in configs] == [None, 22]
+    assert {c.serve.max_num_seqs for c in configs} == {64}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["run", "--trials", "x"], "invalid int value"),
     (["run", "--bogus"], "unrecognized arguments"),
@@ -160,6 +176,7 @@ def test_presets_are_valid_configs():
     (["run", "--heartbeat", "0"], "--heartbeat is in seconds"),
     (["run", "--per-task-min", "1.5"], "--per-task-min is a fraction"),
     (["run", "--set", "workload.tasks=[nope]"], "unknown task(s) ['nope']"),
+    (["run", "--warm-start", "/nonexistent-presets.yaml"], "--warm-start /nonexistent-presets.yaml: no such file"),
     (["run", "--space", str(PROJECT / "tests" / "data" / "e2e_space.yaml"), "--model", "/nonexistent/model"],
      "model path does not exist"),
 ])

@@ -138,3 +138,26 @@ def test_a_warning_that_mentions_an_error_is_never_the_reason(tmp_path):
 def test_a_traceback_before_ready_is_not_an_engine_death_after_it():
     log = LOGS / "w4a16_request_on_avx2.log"
     assert logged_exception(log, since=log.stat().st_size) is None
+
+
+def test_a_memory_budget_needs_a_gpu_that_has_that_much():
+    budget = {"serve.memory_budget_gib": 22}
+    assert "caps GPU memory and this machine has no GPU" in reason(budget, AVX512_AMX)
+    h200 = feasibility.Platform("cuda", "NVIDIA H200", (9, 0), "0.26.0", "0.14.0.1", "cuda", None,
+                                gpu_memory_gib=139.8)
+    feasibility.check(cfg.build(budget), h200)
+    l4 = dataclasses.replace(h200, gpu_name="NVIDIA L4", capability=(8, 9), gpu_memory_gib=22.5)
+    with pytest.raises(Infeasible, match="22 GiB is more than this GPU's 22.5 GiB|more than this GPU"):
+        feasibility.check(cfg.build({"serve.memory_budget_gib": 23}), l4)
+
+
+def test_the_l4_space_runs_within_an_l4_s_memory_on_any_gpu_and_is_refused_on_a_cpu():
+    l4_space = space.load(PROJECT / "spaces" / "gemma4-e4b-l4.yaml")
+    reference = l4_space.reference_config()
+    assert reference.serve.memory_budget_gib == 20
+    with pytest.raises(Infeasible, match="no GPU"):
+        feasibility.check(reference, cpu_platform(AVX512_AMX))
+    for gpu, memory in (("NVIDIA L4", 22.5), ("NVIDIA H200", 139.8)):
+        feasibility.check(reference, feasibility.Platform("cuda", gpu, (8, 9), "0.26.0", "0.14.0.1", "cuda", None,
+                                                          gpu_memory_gib=memory))
+    assert "nvfp4a16" not in next(p for p in l4_space.params if p.name == "compress.scheme").choices

@@ -94,3 +94,24 @@ def test_answer_agreement():
 
 def test_argmax_ties_do_not_depend_on_dict_order():
     assert top1_agreement([{5: -0.7, 6: -0.7}], [{6: -0.7, 5: -0.7}]) == 1.0
+
+
+def test_a_trial_compares_each_distinct_prompt_once(monkeypatch):
+    """More requests than task items repeat prompts; the baseline keeps positions for the first of
+    each only, and the trial teacher-forces those alone."""
+    from search import trial, workload
+    from search.config import WorkloadConfig
+
+    calls = []
+
+    def forced(base_url, model, prompt, answer, settings):
+        calls.append(prompt.id)
+        return BASELINE
+
+    monkeypatch.setattr(workload, "teacher_forced_logprobs", forced)
+    prompt = workload.Prompt("t/1", "t", "hi", None, ("a",), "exact")
+    items = [{"id": "t/1", "task": "t", "answer": "x", "positions": BASELINE, "completion_tokens": 1},
+             {"id": "t/1", "task": "t", "answer": "y", "positions": None, "completion_tokens": 1}]
+    server = SimpleNamespace(base_url="http://unused", served_name="m")
+    rows = trial._fidelity(server, items, {"t/1": prompt}, WorkloadConfig(max_tokens=8))
+    assert calls == ["t/1"] and rows == [("t", 1.0, pytest.approx(0.0, abs=1e-12))]

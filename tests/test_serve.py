@@ -16,7 +16,7 @@ from search import config as cfg
 from search import feasibility, workload
 from search.config import Infeasible
 from search.net import port_in_use
-from search.serve import ServerFailed, ServerPool, start, vllm_config
+from search.serve import ServerFailed, ServerPool, engine_env, start, vllm_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,21 @@ def test_cudagraph_capture_sizes_are_bounded_by_the_workload_and_the_compile_cac
         cfg.build({"serve.cudagraph_capture": "all"})
     with pytest.raises(cfg.ConfigError):
         dataclasses.replace(cfg.ServeConfig(), cudagraph_capture="all").validate()
+
+
+def test_a_memory_budget_is_vllm_s_share_of_this_gpu_and_fp8_marlin_an_environment_variable():
+    budget = cfg.build({"serve.memory_budget_gib": 22})
+    assert vllm_config(budget.serve, budget.compress, gpu_memory_gib=139.8)["gpu-memory-utilization"] == \
+        round(22 / 139.8, 4)
+    assert vllm_config(budget.serve, budget.compress, gpu_memory_gib=20.0)["gpu-memory-utilization"] == 1.0
+    with pytest.raises(cfg.ConfigError, match="needs the GPU's memory size"):
+        vllm_config(budget.serve, budget.compress)
+    plain = cfg.build({"serve.gpu_memory_utilization": 0.5})
+    assert vllm_config(plain.serve, plain.compress, gpu_memory_gib=139.8)["gpu-memory-utilization"] == 0.5
+    with pytest.raises(cfg.ConfigError):
+        cfg.build({"serve.memory_budget_gib": 0})
+    assert engine_env(cfg.build({"serve.fp8_kernel": "marlin"}).serve) == {"VLLM_TEST_FORCE_FP8_MARLIN": "1"}
+    assert engine_env(cfg.ServeConfig()) == {}
 
 
 def test_checkpoints_with_one_config_json_are_served_from_one_path(tmp_path):

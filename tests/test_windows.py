@@ -44,3 +44,25 @@ def test_share_of_energy_integrates_the_trace_over_the_window():
 def test_percentiles_nearest_rank():
     assert percentiles([4, 1, 3, 2], "itl") == {"itl_p50": 2, "itl_p90": 4, "itl_p99": 4}
     assert math.isnan(percentiles([], "ttft")["ttft_p50"])
+
+
+def test_the_objective_reads_the_steady_window_only_when_it_is_long_enough():
+    from search.config import WorkloadConfig
+    from search.trial import read_objective_window
+
+    def metrics(steady_s):
+        return {"energy_j_per_request": 3.0, "steady_energy_j_per_request": 2.5, "steady_window_s": steady_s}
+
+    whole = metrics(1.0)
+    read_objective_window(whole, WorkloadConfig())
+    assert whole["energy_j_per_request"] == 3.0  # the default reads the whole run
+    steady = metrics(6.0)
+    read_objective_window(steady, WorkloadConfig(objective_window="steady"))
+    assert (steady["energy_j_per_request"], steady["whole_energy_j_per_request"]) == (2.5, 3.0)
+    with pytest.raises(RuntimeError, match="lasted 1.0 s, under workload.min_steady_s 5 s"):
+        read_objective_window(metrics(1.0), WorkloadConfig(objective_window="steady"))
+    with pytest.raises(RuntimeError, match="no steady state"):
+        read_objective_window(metrics(0.0), WorkloadConfig(objective_window="steady", min_steady_s=0))
+    short_ok = metrics(1.0)
+    read_objective_window(short_ok, WorkloadConfig(objective_window="steady", min_steady_s=0.5))
+    assert short_ok["energy_j_per_request"] == 2.5

@@ -156,13 +156,15 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   chmod +x /tmp/py-serve /tmp/py-compress
   [ -f /tmp/bench/base/BUILD_OK ] || PYTHONPATH="/tmp/site-llmc:$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" build \
     --root /tmp/bench >> "$OUTDIR/compress.log" 2>&1 || { echo "twin build failed"; tail -5 "$OUTDIR/compress.log"; return 1; }
-  # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed.
+  # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed
+  # and the request-level length knobs pinned (on a twin they only cut tokens); a later --set wins.
   # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
   cd "$CODE" || return 1
   setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
     python3 -m search run --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
     --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
-    --set workload.quality=fidelity --set workload.ignore_eos=true "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &
+    --set workload.quality=fidelity --set workload.ignore_eos=true --set workload.max_tokens=256 \
+    --set workload.verbosity=model --set workload.thinking=false "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &
   echo $! > "$S/driver.pid"
   cd "$OLDPWD" || return 1
   echo "product run started (pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
