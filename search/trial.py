@@ -335,6 +335,7 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     check_energy_source(runtime, reading)
     cache_counts = prefix_cache_counts(counters_before, server.metrics())
     done()
+    artifacts += write_window(workdir, results, reading)  # kept whatever happens to the trial later
     raise_if_engine_died(server, results)
     # Label-free agreement in either quality mode: with labels it is what the label recovery is
     # compared with (bench/README.md), with fidelity it is the score.
@@ -343,27 +344,23 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
     done()
 
     served = require_served(results, config.workload.max_failed_share)
-    repeat_j_per_request = [reading.joules_gross / served]
+    window = window_metrics(results, reading, config, served)
+    # Each repeat is read as the objective is (its own steady state), so the spread is the objective's.
+    repeats = [window["energy_j_per_request"]]
     for repeat in range(1, config.workload.energy_repeats):
         done = timed(f"repeat_{repeat}")
         meter.start()
         repeat_results = workload.run(server.base_url, server.served_name, prompts, config.workload)
-        repeat_j_per_request.append(meter.stop().joules_gross /
-                                    require_served(repeat_results, config.workload.max_failed_share))
+        repeat_reading = meter.stop()
+        check_energy_source(runtime, repeat_reading)
+        repeats.append(window_metrics(repeat_results, repeat_reading, config, require_served(
+            repeat_results, config.workload.max_failed_share))["energy_j_per_request"])
         done()
 
     per_task = _recovery(_item_scores(config, baseline, results, fidelity_rows, prompts_by_id),
                          config.workload.seed)
     outcome_gate = runtime.gate.evaluate(per_task)
-    stats = workload.summarize(results, reading.duration_s)
-    # Energy is per request served: a configuration whose requests fail is not made cheaper by them.
-    metrics = {**stats, **reading.as_metrics(served, int(stats["completion_tokens"])), **times}
-    ok = [r for r in results if not r.error]
-    metrics.update(windows.steady_metrics(
-        [(r.token_times[0], r.ended_at) for r in ok if r.token_times], [r.token_times for r in ok],
-        reading.trace, reading.started_at, reading.joules_gross, reading.idle_w, config.serve.max_num_seqs,
-        stats["tokens_per_answer"]))
-    read_objective_window(metrics, config.workload)
+    metrics = {**window, **times}
     metrics["failed_requests"] = len(results) - served
     # What the measured windows took from vLLM's prefix cache: 0 unless the study turned it on.
     metrics["prefix_cache_hit_rate"] = cache_counts[0] / cache_counts[1] if cache_counts[1] else 0.0
@@ -382,10 +379,10 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
         metrics["topk_kl"] = sum(r[2] for r in fidelity_rows) / len(fidelity_rows)
     metrics["answer_agreement"] = fidelity.answer_agreement(
         [i["answer"] for i in baseline["items"]], _answers_for(baseline["items"], results))
-    if len(repeat_j_per_request) > 1:
-        spread = energy.spread(repeat_j_per_request)
+    if len(repeats) > 1:
+        spread = energy.spread(repeats)
         metrics.update({f"energy_j_per_request_{k}": v for k, v in spread.items()})
-    floor_values, floor_tags = floor_metrics(result.checkpoint, config, stats, prompts, reading, runtime.target_gpu)
+    floor_values, floor_tags = floor_metrics(result.checkpoint, config, window, prompts, reading, runtime.target_gpu)
     metrics.update(floor_values)
     tags.update(floor_tags)
     metrics["compress_saved_s"] = result.saved_seconds
@@ -396,13 +393,33 @@ def _run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, s
                  "slo": ", ".join(f"{k[4:]} {'ok' if v <= 0 else 'missed'}" for k, v in slo.items()) or "none",
                  "gpu": ", ".join(reading.gpus) or "none"})
 
+    return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], feasible, metrics, tags, artifacts)
+
+
+def write_window(workdir: Path, results: list[RequestResult], reading: energy.EnergyReading) -> list[Path]:
+    """The measured window's answers and power trace, written as soon as it ends."""
     answers_path = workdir / "answers.jsonl"
     answers_path.write_text("".join(json.dumps(r.as_dict()) + "\n" for r in results))
     trace_csv, trace_png = workdir / "power_trace.csv", workdir / "power_trace.png"
     energy.write_trace_csv(reading, trace_csv)
     energy.plot_trace(reading, trace_png)
-    artifacts += [answers_path, trace_csv, trace_png]
-    return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], feasible, metrics, tags, artifacts)
+    return [answers_path, trace_csv, trace_png]
+
+
+def window_metrics(results: list[RequestResult], reading: energy.EnergyReading, config: TrialConfig,
+                   served: int) -> dict[str, float]:
+    """One measured run: counts, latencies, the whole run's energy and its steady state's, with the
+    objective window's J/request as `energy_j_per_request`. Energy is per request served: a
+    configuration whose requests fail is not made cheaper by them."""
+    stats = workload.summarize(results, reading.duration_s)
+    metrics = {**stats, **reading.as_metrics(served, int(stats["completion_tokens"]))}
+    ok = [r for r in results if not r.error]
+    metrics.update(windows.steady_metrics(
+        [(r.token_times[0], r.ended_at) for r in ok if r.token_times], [r.token_times for r in ok],
+        reading.trace, reading.started_at, reading.joules_gross, reading.idle_w, config.serve.max_num_seqs,
+        stats["tokens_per_answer"]))
+    read_objective_window(metrics, config.workload)
+    return metrics
 
 
 def read_objective_window(metrics: dict[str, float], settings: WorkloadConfig) -> None:

@@ -2,8 +2,9 @@
 
 Two windows per trial: the whole run, and its steady state as the ML.ENERGY benchmark defines it:
 from the moment the batch first fills to the moment the drain begins. Here "running" means sent,
-first token received and not yet finished, and "full" means the run's peak number of running
-requests, which vLLM caps at max_num_seqs. The definition needs nothing but timestamps, so it holds
+first token received and not yet finished, and "full" means the number of running requests the
+server sustains while it still admits new ones (at most max_num_seqs; fewer when its KV cache
+holds fewer). The definition needs nothing but timestamps, so it holds
 for every arrival mode (all at once, a closed loop, a Poisson rate).
 """
 
@@ -25,27 +26,53 @@ class Window:
 
 
 def steady_window(spans: list[tuple[float, float]], max_num_seqs: int) -> Window | None:
-    """From (first token, finish) spans of the served requests: the first to the last moment at
-    which min(max_num_seqs, peak) requests run at once; None when that span is empty."""
+    """From (first token, finish) spans of the served requests: from the moment the batch first
+    fills until it first falls below full after the last request has started (the drain).
+
+    "Full" is the batch the server sustains while requests are still being admitted: the largest
+    count that runs for at least half of that admission period (first to last first token), at most
+    max_num_seqs. A momentary peak is not full: a KV cache too small for max_num_seqs holds fewer,
+    and a few extra requests in flight for an instant would otherwise leave a window of seconds."""
+    if not spans:
+        return None
     events = sorted([(t, 1) for t, _ in spans] + [(t, -1) for _, t in spans], key=lambda e: (e[0], e[1]))
-    running, peak = 0, 0
-    for _, step in events:
+    last_start = max(t for t, _ in spans)
+    level = min(max_num_seqs, _sustained_level(events, min(t for t, _ in spans), last_start))
+    # Events at one instant count together: a request that ends as another starts leaves the batch full.
+    counts: dict[float, int] = {}
+    for t, step in events:
+        counts[t] = counts.get(t, 0) + step
+    running, start = 0, None
+    for t in sorted(counts):
+        before = running
+        running += counts[t]
+        if start is None and before < level <= running:
+            start = t
+        if start is not None and t >= last_start and before >= level > running:
+            return Window(start, t, level) if t > start else None
+    return None
+
+
+def _sustained_level(events: list[tuple[float, int]], begin: float, end: float) -> int:
+    """The largest number of running requests held for at least half of [begin, end]; the peak
+    when that span is empty (every request started at once)."""
+    held: dict[int, float] = {}
+    running, peak, previous = 0, 0, None
+    for t, step in events:
+        if previous is not None and begin <= previous < end:
+            held[running] = held.get(running, 0.0) + min(t, end) - previous
         running += step
         peak = max(peak, running)
-    level = min(max_num_seqs, peak)
-    if level == 0:
-        return None
-    running, start, end = 0, None, None
-    for t, step in events:
-        before = running
-        running += step
-        if before < level <= running and start is None:
-            start = t
-        if before >= level > running:
-            end = t  # the last time the batch drops below full is where the drain begins
-    if start is None or end is None or end <= start:
-        return None
-    return Window(start, end, level)
+        previous = t
+    total = sum(held.values())
+    if total <= 0:
+        return peak
+    at_least = 0.0
+    for count in sorted(held, reverse=True):
+        at_least += held[count]
+        if at_least >= total / 2:
+            return max(1, count)
+    return peak
 
 
 def tokens_within(token_times: list[list[float]], window: Window) -> int:
