@@ -105,13 +105,13 @@ def main() -> None:
     out = {"command": " ".join(["python", *sys.argv]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "machine": machine(), "space": str(SPACE.relative_to(PROJECT)), "n_items": len(prompts)}
     greedy = reference.workload
-    sampled = dataclasses.replace(greedy, decoding="sampled")
+    sampled = greedy.model_copy(update={"decoding": "sampled"})
     # Most telling first; the file is rewritten after every run, so a stopped bench keeps what it measured.
-    plan = {"greedy": greedy, **{f"sampled_seed{s}": dataclasses.replace(sampled, seed=s) for s in range(3)},
+    plan = {"greedy": greedy, **{f"sampled_seed{s}": sampled.model_copy(update={"seed": s}) for s in range(3)},
             "greedy_again": greedy,
-            **{f"greedy_{v}_max{m}": dataclasses.replace(greedy, verbosity=v, max_tokens=m)
+            **{f"greedy_{v}_max{m}": greedy.model_copy(update={"verbosity": v, "max_tokens": m})
                for v in ("model", "concise", "terse") for m in (16, 32) if (v, m) != ("model", 32)},
-            **{f"sampled_seed{s}": dataclasses.replace(sampled, seed=s) for s in range(3, args.seeds)}}
+            **{f"sampled_seed{s}": sampled.model_copy(update={"seed": s}) for s in range(3, args.seeds)}}
     runs: dict[str, dict] = {}
     try:
         server, _ = pool.get(model, vllm_config(reference.serve, reference.compress), args.home / "bench-server")

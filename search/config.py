@@ -1,14 +1,17 @@
 """Typed configuration of one trial: compression, serving and workload, validated at the edge.
 
-Each stage reads only its own dataclass. Flat dotted names (``compress.scheme``,
-``serve.max_num_seqs``) address the fields from the space file, Optuna and MLflow alike.
+Each stage reads only its own model. Flat dotted names (``compress.scheme``,
+``serve.max_num_seqs``) address the fields from the space file, ``--set``, Optuna and MLflow alike.
+The models hold every rule a value must meet (its type, bounds and choices, and which values go
+together), and a value that breaks one is refused as a one-line ConfigError naming its dotted key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 Scheme = Literal["none", "fp8", "fp8_dynamic", "w8a8", "w4a16", "w8a16", "nvfp4a16", "bnb_nf4"]
 QuantMethod = Literal["rtn", "gptq", "awq"]
@@ -25,6 +28,16 @@ Quality = Literal["fidelity", "labels"]
 Decoding = Literal["sampled", "greedy"]
 
 
+def _whole_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A whole float (4096.0 in a YAML file) is the integer it names; 2.5 is refused, and so are true and '8'.
+Integer = Annotated[int, BeforeValidator(_whole_float_to_int)]
+# A share of something that is never all of it: a pruning ratio, the failed requests a trial may have.
+Share = Annotated[float, Field(ge=0, lt=1)]
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be run as written: reported before any heavy work starts."""
 
@@ -38,27 +51,36 @@ class Infeasible(Exception):
     """A configuration that cannot run here; recorded with its reason, never compressed or served."""
 
 
-@dataclass(frozen=True)
-class PruneConfig:
+class _Options(BaseModel):
+    """A frozen group of options that refuses unknown keys; constructing one validates it."""
+
+    # Strict, as the options always were: true is not a number, 1 not a boolean, '8' (quoted in YAML)
+    # not an integer. Lists (YAML, JSON, MLflow) still become tuples: the tuple fields say strict=False.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _one_line(exc, _SECTIONS[type(self)]) from None
+
+
+class PruneConfig(_Options):
     method: PruneMethod = "none"
     # A profile of few parameters that expands to one ratio per decoder layer ...
-    base: float = 0.0
+    base: Share = 0.0
     shape: PruneShape = "uniform"
-    protect_first: int = 0
-    protect_last: int = 0
+    protect_first: Integer = Field(0, ge=0)
+    protect_last: Integer = Field(0, ge=0)
     # ... or the full list, which wins when given.
-    ratios: tuple[float, ...] = ()
+    ratios: tuple[Share, ...] = Field((), strict=False)
     mask_structure: Literal["0:0", "2:4"] = "0:0"
 
-    def validate(self) -> None:
-        if not 0.0 <= self.base < 1.0:
-            raise ConfigError(f"compress.prune.base must be in [0, 1), got {self.base}")
-        if any(not 0.0 <= r < 1.0 for r in self.ratios):
-            raise ConfigError(f"compress.prune.ratios must each be in [0, 1), got {list(self.ratios)}")
-        if self.protect_first < 0 or self.protect_last < 0:
-            raise ConfigError("compress.prune.protect_first/protect_last must be >= 0")
+    @model_validator(mode="after")
+    def _channels_are_removed_whole(self) -> PruneConfig:
         if self.structured and self.mask_structure != "0:0":
             raise CombinationError("compress.prune.method=flap removes whole channels; mask_structure must be 0:0")
+        return self
 
     def layer_ratios(self, num_layers: int) -> list[float]:
         """One pruning ratio per decoder layer."""
@@ -87,41 +109,33 @@ class PruneConfig:
         return self.method == "flap"
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
+class CalibrationConfig(_Options):
     dataset: str = "builtin"  # "builtin", a local path (load_from_disk / jsonl) or a Hub dataset name
-    n_samples: int = 16
-    seq_len: int = 128
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.n_samples < 1 or self.seq_len < 8:
-            raise ConfigError("compress.calibration needs n_samples >= 1 and seq_len >= 8")
+    n_samples: Integer = Field(16, ge=1)
+    seq_len: Integer = Field(128, ge=8)
+    seed: Integer = 0
 
 
-@dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(_Options):
     scheme: Scheme = "none"
     method: QuantMethod = "rtn"
-    group_size: int = 128
+    group_size: Literal[32, 64, 128, 256] = 128
     symmetric: bool = True
     # GPTQ activation ordering as compressed-tensors 0.19 has it: "static" is an alias of "weight";
     # "group" (desc_act with a g_idx) was removed there, and llmcompressor refuses it.
     actorder: Literal["none", "static", "weight"] = "none"
     targets: TargetSet = "attn_mlp"
     per_layer_inputs: bool = False  # quantize Gemma 4's per-layer-input projections too
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
-    def validate(self) -> None:
-        if self.group_size not in (32, 64, 128, 256):
-            raise ConfigError(f"compress.group_size must be 32, 64, 128 or 256, got {self.group_size}")
+    @model_validator(mode="after")
+    def _method_and_pruning_fit_the_scheme(self) -> CompressionConfig:
         if self.method == "awq" and self.scheme != "w4a16":
             raise CombinationError("compress.method=awq applies to scheme w4a16 only")
         if self.scheme == "bnb_nf4" and self.prune.active:
             raise CombinationError("bnb_nf4 quantizes at load time; it cannot follow pruning in this tool")
-        self.prune.validate()
-        self.calibration.validate()
+        return self
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -129,28 +143,27 @@ class CompressionConfig:
         return self.scheme not in ("none", "bnb_nf4") or self.prune.active
 
 
-@dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(_Options):
     """vLLM engine arguments: the single source of what the server is started with."""
 
     kv_cache_dtype: KVCacheDtype = "auto"
-    max_model_len: int = 1024
-    max_num_seqs: int = 8
-    max_num_batched_tokens: int | None = None
+    max_model_len: Integer = Field(1024, ge=128)
+    max_num_seqs: Integer = Field(8, ge=1)
+    max_num_batched_tokens: Integer | None = None
     # Caches off unless a study turns them on on purpose: a measured window must not be made
     # cheaper by what an earlier window or trial left behind.
     enable_prefix_caching: bool = False
-    mm_processor_cache_gb: float = 0.0
+    mm_processor_cache_gb: float = Field(0.0, ge=0)
     enable_chunked_prefill: bool = True
-    gpu_memory_utilization: float = 0.2
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1)
     # The most GPU memory vLLM may take (weights, activations, CUDA graphs, KV cache), whatever the
     # card: a study on an H200 sees the capacity limits of the card it deploys on (an L4: 22).
     # Replaces gpu_memory_utilization with budget / this GPU's memory.
-    memory_budget_gib: float | None = None
+    memory_budget_gib: float | None = Field(None, gt=0)
     # "marlin" forces vLLM's FP8 Marlin kernel (VLLM_TEST_FORCE_FP8_MARLIN=1): what seed 002's card
     # needed for its FP8 checkpoint on an L4 (sm_89); "auto" lets vLLM choose.
     fp8_kernel: Literal["auto", "marlin"] = "auto"
-    limit_images: int = 1
+    limit_images: Integer = 1
     image_soft_tokens: Literal[70, 140, 280, 560, 1120] = 70
     enforce_eager: bool = True
     # "uni" runs the model in the engine process: one Python start fewer (~17 s on 2 CPU cores).
@@ -165,169 +178,169 @@ class ServeConfig:
     # compiled model, and a start captures fewer graphs.
     cudagraph_capture: Literal["workload", "vllm"] = "workload"
     dtype: str = "bfloat16"
-    seed: int = 0
+    seed: Integer = 0
 
-    def validate(self) -> None:
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ConfigError("serve.gpu_memory_utilization must be in (0, 1]")
-        if self.cudagraph_capture not in ("workload", "vllm"):
-            raise ConfigError(f"serve.cudagraph_capture: unknown value {self.cudagraph_capture!r}; "
-                              "expected 'workload' or 'vllm'")
-        if self.max_model_len < 128 or self.max_num_seqs < 1:
-            raise ConfigError("serve.max_model_len must be >= 128 and serve.max_num_seqs >= 1")
-        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
-            raise ConfigError("serve.memory_budget_gib must be > 0 (GiB)")
-        if self.mm_processor_cache_gb < 0:
-            raise ConfigError("serve.mm_processor_cache_gb must be >= 0")
+    @model_validator(mode="after")
+    def _a_batch_holds_every_sequence(self) -> ServeConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise CombinationError("serve.max_num_batched_tokens must be >= serve.max_num_seqs")
+        return self
 
 
-@dataclass(frozen=True)
-class WorkloadConfig:
-    n_requests: int = 8
-    warmup_requests: int = 2
-    concurrency: int = 8
-    max_tokens: int = 16
+class WorkloadConfig(_Options):
+    n_requests: Integer = Field(8, ge=1)
+    warmup_requests: Integer = 2
+    concurrency: Integer = Field(8, ge=1)
+    max_tokens: Integer = Field(16, ge=1)
     ignore_eos: bool = False
     temperature: float = 1.0
     top_p: float = 0.95
-    top_k: int = 64
-    seed: int = 0
+    top_k: Integer = 64
+    seed: Integer = 0
     decoding: Decoding = "sampled"
     verbosity: Verbosity = "model"
     thinking: bool = False
-    tasks: tuple[str, ...] = ("builtin_documents", "builtin_scenes")
+    tasks: tuple[str, ...] = Field(("builtin_documents", "builtin_scenes"), strict=False)
     quality: Quality = "fidelity"
     # Share of the requests after which recovery is checked and a hopeless trial is pruned.
-    early_check_fraction: float = 0.5
+    early_check_fraction: float = Field(0.5, gt=0, le=1)
     # Measure the workload this many times in all (the extra windows give the energy's spread).
-    energy_repeats: int = 1
+    energy_repeats: Integer = Field(1, ge=1)
     # Share of failed or timed-out requests a trial may have and stay feasible; energy is divided
     # by the requests served either way.
-    max_failed_share: float = 0.0
+    max_failed_share: Share = 0.0
     # How requests arrive: all at once (a benchmark replay), a closed loop of `concurrency`, or a
     # seeded Poisson process of `rate_rps` requests a second.
     arrival: Literal["all_at_once", "concurrency", "rate"] = "concurrency"
-    rate_rps: float = 1.0
+    rate_rps: float = Field(1.0, gt=0)
     # The window the objective is read from: the whole run, or its steady state (search/windows.py).
     # Whole by default: a CPU toy's few requests have almost no steady state; the GPU spaces pick steady.
     objective_window: Literal["whole", "steady"] = "whole"
     # A steady window shorter than this is too short to read (NVML updates at ~10 Hz; Zeus settles
     # on >= 5 s): with the objective on the steady window, such a trial fails saying so.
-    min_steady_s: float = 5.0
+    min_steady_s: float = Field(5.0, ge=0)
 
     @property
     def max_in_flight(self) -> int:
         """The most requests the workload has open at once."""
         return self.concurrency if self.arrival == "concurrency" else self.n_requests
 
-    def validate(self) -> None:
-        if self.n_requests < 1 or self.concurrency < 1 or self.max_tokens < 1:
-            raise ConfigError("workload.n_requests, concurrency and max_tokens must be >= 1")
-        if not 0.0 < self.early_check_fraction <= 1.0:
-            raise ConfigError("workload.early_check_fraction must be in (0, 1]")
-        if self.energy_repeats < 1:
-            raise ConfigError("workload.energy_repeats must be >= 1")
-        if not 0.0 <= self.max_failed_share < 1.0:
-            raise ConfigError("workload.max_failed_share must be in [0, 1)")
-        if self.min_steady_s < 0:
-            raise ConfigError("workload.min_steady_s must be >= 0")
-        if self.rate_rps <= 0:
-            raise ConfigError("workload.rate_rps must be > 0")
 
-
-@dataclass(frozen=True)
-class TrialConfig:
-    compress: CompressionConfig = field(default_factory=CompressionConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-
-    def validate(self) -> "TrialConfig":
-        self.compress.validate()
-        self.serve.validate()
-        self.workload.validate()
-        return self
+class TrialConfig(_Options):
+    compress: CompressionConfig = Field(default_factory=CompressionConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
 
     def flat(self) -> dict[str, Any]:
         return flatten(self)
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Dataclass tree -> {"compress.prune.base": 0.1, ...}."""
+def _group(field: FieldInfo) -> type[_Options] | None:
+    """The model a field holds when it is a group of options (compress.prune), else None."""
+    kind = field.annotation
+    return kind if isinstance(kind, type) and issubclass(kind, _Options) else None
+
+
+def _fields(cls: type[_Options], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted name, field) of every field under cls, each group before the options in it."""
+    for name, field in cls.model_fields.items():
+        yield f"{prefix}{name}", field
+        if _group(field):
+            yield from _fields(_group(field), f"{prefix}{name}.")
+
+
+# Where each group sits in the tree (its errors name the dotted key), and every settable option.
+_SECTIONS = {TrialConfig: "", **{_group(field): name for name, field in _fields(TrialConfig) if _group(field)}}
+_OPTIONS = {name: field for name, field in _fields(TrialConfig) if not _group(field)}
+
+
+def flatten(obj: _Options, prefix: str = "") -> dict[str, Any]:
+    """Model tree -> {"compress.prune.base": 0.1, ...}."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        name = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, name + "."))
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        if isinstance(value, _Options):
+            out.update(flatten(value, f"{prefix}{name}."))
         else:
-            out[name] = list(value) if isinstance(value, tuple) else value
+            out[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
     return out
 
 
-def known_keys(cls: type = TrialConfig, prefix: str = "") -> dict[str, Any]:
+def known_keys(cls: type[_Options] = TrialConfig, prefix: str = "") -> dict[str, Any]:
     """Every settable dotted key and its type annotation."""
-    keys: dict[str, Any] = {}
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            keys.update(known_keys(hint, f"{prefix}{f.name}."))
-        else:
-            keys[f"{prefix}{f.name}"] = hint
-    return keys
-
-
-def coerce(key: str, hint: Any, value: Any) -> Any:
-    origin = get_origin(hint)
-    if origin is Literal:
-        if value not in get_args(hint):
-            raise ConfigError(f"{key}: unknown value {value!r}; expected one of {list(get_args(hint))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(value)
-    args = [a for a in get_args(hint) if a is not type(None)]
-    if value is None and type(None) in get_args(hint):
-        return None
-    target = args[0] if args else hint
-    if get_origin(target) is Literal:
-        return coerce(key, target, value)
-    if target is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if target in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if target is int and float(value) != int(value):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return target(value)
-    if target is str and not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
+    return {name: field.annotation for name, field in _fields(cls, prefix) if not _group(field)}
 
 
 def build(values: dict[str, Any], base: TrialConfig | None = None) -> TrialConfig:
     """Dotted values over a base config -> a validated TrialConfig; unknown keys are errors."""
-    keys = known_keys()
-    nested: dict[str, Any] = {}
+    tree = (base or TrialConfig()).model_dump()
     for key, value in values.items():
-        if key not in keys:
-            raise ConfigError(f"unknown option {key!r}; known options: {', '.join(sorted(keys))}")
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = coerce(key, keys[key], value)
-    return _replace(base or TrialConfig(), nested).validate()
+        if key not in _OPTIONS:  # a group ("compress.prune") is not an option either
+            raise ConfigError(_unknown_option(key))
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    return TrialConfig(**tree)
 
 
-def _replace(obj: Any, changes: dict[str, Any]) -> Any:
-    updates = {}
-    for name, value in changes.items():
-        current = getattr(obj, name)
-        updates[name] = _replace(current, value) if isinstance(value, dict) else value
-    return dataclasses.replace(obj, **updates)
+def _unknown_option(key: str) -> str:
+    return f"unknown option {key!r}; known options: {', '.join(sorted(_OPTIONS))}"
+
+
+# pydantic's error types for a value of the wrong type, and what the option takes instead.
+_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+             "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+             "bool_parsing": "true or false", "string_type": "a string", "tuple_type": "a list"}
+_LIMITS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _one_line(exc: ValidationError, section: str) -> ConfigError:
+    """pydantic's report -> one line naming the dotted key. A value wrong on its own is told before
+    a combination, so that CombinationError only ever means values that are each valid."""
+    errors = exc.errors()
+    error = next((e for e in errors if not isinstance(e.get("ctx", {}).get("error"), CombinationError)), errors[0])
+    raised = error.get("ctx", {}).get("error")
+    if isinstance(raised, ConfigError):  # a combination rule of the models above, in its own words
+        return raised
+    loc = error["loc"]
+    names = [part for part in loc if isinstance(part, str)]
+    key = ".".join([section, *names] if section else names)
+    shown = key + "".join(f"[{part}]" for part in loc if isinstance(part, int))  # a list's element
+    kind, value = error["type"], error["input"]
+    if kind == "extra_forbidden":
+        return ConfigError(_unknown_option(key))
+    if kind == "literal_error":
+        return ConfigError(f"{shown}: unknown value {value!r}; expected one of {_choices(_OPTIONS[key].annotation)}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return ConfigError(f"{shown} must be {_range(_bounds(_OPTIONS[key], isinstance(loc[-1], int)))}, "
+                           f"got {value!r}")
+    if kind in _EXPECTED:
+        return ConfigError(f"{shown}: expected {_EXPECTED[kind]}, got {value!r}")
+    return ConfigError(f"{shown}: {error['msg']}")
+
+
+def _choices(annotation: Any) -> list:
+    """The values a Literal, or an optional one, allows."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return next(list(get_args(arg)) for arg in get_args(annotation) if get_origin(arg) is Literal)
+
+
+def _bounds(field: FieldInfo, of_element: bool) -> dict[str, Any]:
+    """The bounds a field sets, or its list's element type sets: {"ge": 0, "lt": 1}."""
+    metadata = field.metadata
+    if of_element:
+        element = get_args(field.annotation)[0]  # tuple[Share, ...]
+        metadata = [m for info in get_args(element)[1:] for m in info.metadata]
+    return {name: getattr(m, name) for m in metadata for name in _LIMITS if hasattr(m, name)}
+
+
+def _range(bounds: dict[str, Any]) -> str:
+    """{"ge": 0, "lt": 1} -> "in [0, 1)"; {"ge": 128} -> ">= 128"."""
+    low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}" if "gt" in bounds else None
+    high = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})" if "lt" in bounds else None
+    if low and high:
+        return f"in {low}, {high}"
+    return " and ".join(f"{_LIMITS[name]} {limit}" for name, limit in bounds.items())

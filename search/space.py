@@ -97,9 +97,12 @@ class Space:
         return trial_config
 
     def pinned(self, values: dict[str, Any]) -> Space:
-        """This space with `values` fixed for every trial; a pinned param is no longer searched."""
+        """This space with `values` fixed for every trial and for the reference (a baseline that
+        answered under other settings would be compared with trials it does not match); a pinned
+        param is no longer searched."""
         return Space(self.path, self.model, {**self.fixed, **values},
-                     tuple(p for p in self.params if p.name not in values), self.constraints, self.reference)
+                     tuple(p for p in self.params if p.name not in values), self.constraints,
+                     {k: v for k, v in self.reference.items() if k not in values})
 
     def unavailable_choices(self, runs: Callable[[cfg.TrialConfig], None]) -> list[tuple[str, Any, str]]:
         """(param, choice, reason) for every choice that `runs` rejects as Infeasible when it alone

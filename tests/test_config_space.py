@@ -37,6 +37,76 @@ def test_flat_round_trip():
     assert config.flat()["compress.prune.base"] == 0.1
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"serve.max_model_len": 64}, "serve.max_model_len must be >= 128, got 64"),
+    ({"serve.gpu_memory_utilization": 0}, "serve.gpu_memory_utilization must be in (0, 1], got 0"),
+    ({"compress.prune.base": 1.0}, "compress.prune.base must be in [0, 1), got 1.0"),
+    ({"compress.prune.ratios": [0.1, 1.5]}, "compress.prune.ratios[1] must be in [0, 1), got 1.5"),
+    ({"workload.rate_rps": 0}, "workload.rate_rps must be > 0, got 0"),
+    ({"serve.max_num_seqs": "x"}, "serve.max_num_seqs: expected an integer, got 'x'"),
+    ({"serve.max_num_seqs": True}, "serve.max_num_seqs: expected an integer, got True"),
+    ({"compress.symmetric": 1}, "compress.symmetric: expected true or false, got 1"),
+    ({"workload.tasks": "builtin_scenes"}, "workload.tasks: expected a list, got 'builtin_scenes'"),
+    ({"compress.group_size": 48}, "compress.group_size: unknown value 48; expected one of [32, 64, 128, 256]"),
+])
+def test_a_wrong_value_is_one_line_naming_its_key_and_what_it_takes(values, message):
+    with pytest.raises(ConfigError) as info:
+        cfg.build(values)
+    assert str(info.value) == message
+    assert not isinstance(info.value, cfg.CombinationError)
+
+
+def test_a_whole_float_is_an_integer_and_lists_become_tuples():
+    config = cfg.build({"serve.max_num_seqs": 4.0, "compress.prune.ratios": [0.1, 0], "workload.tasks": ["a"]})
+    assert config.serve.max_num_seqs == 4 and isinstance(config.serve.max_num_seqs, int)
+    assert config.compress.prune.ratios == (0.1, 0.0) and config.workload.tasks == ("a",)
+
+
+def test_an_unknown_key_is_refused_with_the_known_options_listed():
+    known = ", ".join(sorted(cfg.known_keys()))
+    for refused in (lambda: cfg.build({"serve.max_num_seq": 4}), lambda: cfg.ServeConfig(max_num_seq=4)):
+        with pytest.raises(ConfigError) as info:
+            refused()
+        assert str(info.value) == f"unknown option 'serve.max_num_seq'; known options: {known}"
+    with pytest.raises(ConfigError, match="unknown option 'compress.prune';"):  # a group, not an option
+        cfg.build({"compress.prune": {"base": 0.1}})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"compress.method": "awq", "compress.scheme": "fp8"}, "compress.method=awq applies to scheme w4a16 only"),
+    ({"compress.scheme": "bnb_nf4", "compress.prune.method": "wanda", "compress.prune.base": 0.2},
+     "bnb_nf4 quantizes at load time; it cannot follow pruning in this tool"),
+    ({"serve.max_num_batched_tokens": 4, "serve.max_num_seqs": 8},
+     "serve.max_num_batched_tokens must be >= serve.max_num_seqs"),
+])
+def test_values_each_valid_that_cannot_go_together_are_a_combination_error(values, message):
+    with pytest.raises(cfg.CombinationError) as info:
+        cfg.build(values)
+    assert str(info.value) == message
+
+
+def test_a_value_wrong_on_its_own_is_told_before_a_combination():
+    with pytest.raises(ConfigError) as info:
+        cfg.build({"compress.method": "awq", "serve.max_model_len": 5})
+    assert not isinstance(info.value, cfg.CombinationError)
+    assert str(info.value) == "serve.max_model_len must be >= 128, got 5"
+
+
+def test_flat_build_flat_round_trip_keeps_names_values_and_tuples():
+    config = cfg.build({"compress.prune.method": "sparsegpt", "compress.prune.ratios": [0.1, 0.2],
+                        "workload.tasks": ["builtin_scenes"], "serve.memory_budget_gib": 22})
+    flat = config.flat()
+    assert list(flat) == list(cfg.known_keys())
+    assert flat["compress.prune.ratios"] == [0.1, 0.2] and flat["workload.tasks"] == ["builtin_scenes"]
+    rebuilt = cfg.build(flat)
+    assert rebuilt == config and hash(rebuilt) == hash(config) and rebuilt.flat() == flat
+    assert isinstance(rebuilt.compress.prune.ratios, tuple) and isinstance(rebuilt.workload.tasks, tuple)
+    over_base = cfg.build({"serve.max_num_seqs": 4}, base=config)
+    assert over_base.serve.max_num_seqs == 4 and over_base.compress == config.compress
+    with pytest.raises(ValueError, match="frozen"):
+        config.serve.max_num_seqs = 4
+
+
 def test_prune_profiles_expand_per_layer():
     prune = cfg.PruneConfig(method="sparsegpt", base=0.2, shape="ramp_up", protect_first=1, protect_last=1)
     ratios = prune.layer_ratios(6)
@@ -165,6 +235,9 @@ def test_a_presets_file_is_enqueued_in_its_order_with_values_outside_the_space_k
     (["run", "--space", "/nonexistent.yaml"], "space file not found"),
     (["run", "--model", "/nonexistent/model"], "model path does not exist"),
     (["run", "--set", "compress.scheme=w3a16"], "unknown value 'w3a16'"),
+    (["run", "--set", "serve.max_num_seqs=x"], "--set: serve.max_num_seqs: expected an integer, got 'x'"),
+    (["run", "--set", "serve.max_num_seqs=[8"], "--set serve.max_num_seqs=[8: the value is not valid YAML"),
+    (["run", "--set", "serve.max_num_seqs"], "--set expects KEY=VALUE, got 'serve.max_num_seqs'"),
     (["run", "--gate", "80"], "80.0 is not in [0, 1]"),
     (["run", "--storage", "postgresql://u:secret@127.0.0.1:9/db"], "cannot reach storage postgresql://u:***@"),
     (["run", "--storage", "postgresql://u:p@ss@127.0.0.1:9/db"], "the password holds an '@'; write it as %40"),
@@ -247,3 +320,9 @@ def test_a_pinned_param_is_no_longer_searched():
     space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml").pinned({"serve.max_num_seqs": 128})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     assert {space.sample(study.ask()).serve.max_num_seqs for _ in range(10)} == {128}
+
+
+def test_a_pinned_value_holds_for_the_reference_too():
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml")
+    assert space.reference_config().workload.max_tokens == 256
+    assert space.pinned({"workload.max_tokens": 128}).reference_config().workload.max_tokens == 128

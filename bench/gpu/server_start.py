@@ -23,7 +23,6 @@ Cases (the twin served in bf16 with the GPU space's reference settings each time
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -188,7 +187,7 @@ def drive(args) -> None:
     shutil.rmtree(before_root, ignore_errors=True)
     cases = []
     if "before" in args.cases:
-        engine = serve.vllm_config(dataclasses.replace(ref.serve, cudagraph_capture="vllm"), CompressionConfig())
+        engine = serve.vllm_config(ref.serve.model_copy(update={"cudagraph_capture": "vllm"}), CompressionConfig())
         cases.append(("before", base, engine, None))
     engine = serve.vllm_config(ref.serve, CompressionConfig(), concurrency)
     for name, model in (("cold", base), ("hit", base), ("hit_copy", copy)):
