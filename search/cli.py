@@ -129,13 +129,19 @@ def _storage(args) -> str:
 
 
 def _overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs -> {dotted key: YAML value}; the values are checked where they are used,
+    against the settings they join."""
     import yaml
+    from search.config import ConfigError
     out = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair}: the value is not valid YAML: {str(exc).splitlines()[0]}") from None
     return out
 
 
@@ -283,8 +289,6 @@ def cmd_run(args) -> int:
     from search import space as space_mod
 
     interrupts.handle_stop_signals()  # SIGTERM and SIGHUP end the run as Ctrl-C does
-    # The terminal shows the product's own lines: not Optuna's notes on its experimental options.
-    warnings.filterwarnings("ignore", message=r".*(is experimental|an experimental feature)")
     # Cheap checks first: none of them connects to, starts or loads anything.
     check_numbers(args)
     slos = parse_slos(args.slo)
@@ -297,7 +301,11 @@ def cmd_run(args) -> int:
     overrides = _overrides(args.set)
     if overrides:
         space = space.pinned(overrides)
-        cfg.build(space.fixed)
+        try:  # with the space's fixed settings, as every trial has them, and as the baseline has them
+            cfg.build(space.fixed)
+            space.reference_config()
+        except cfg.ConfigError as exc:
+            raise cfg.ConfigError(f"--set: {exc}") from None
         space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
     presets = space_mod.load_presets(
         DEFAULT_PRESETS if args.warm_start in ("none", "seeds") else _existing(args.warm_start, "--warm-start"))
@@ -406,10 +414,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from search import study as study_mod
-    summary = study_mod.summary(study_mod.load_study(args.study, _storage(args)))
+    from search import bill, study as study_mod
+    from search.summaries import study_bill
+    study = study_mod.load_study(args.study, _storage(args))
+    summary = study_mod.summary(study)
+    search_bill = study_bill(study)
     if args.json:
-        print(study_mod.dumps(summary))
+        print(study_mod.dumps({**summary, "bill": bill.as_dict(search_bill)}))
         return 0
     counts = summary["counts"]
     print(f"study {summary['study']}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -423,6 +434,7 @@ def cmd_status(args) -> int:
               f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}{roofline}")
         for key, value in sorted((best["config"] or {}).items()):
             print(f"  {key} = {value}")
+    print("\n".join(bill.describe(search_bill)))
     return 0
 
 
@@ -448,7 +460,11 @@ def cmd_compress(args) -> int:
     from search.compress import CheckpointCache, Compressor, compress
     from search.feasibility import probe
 
-    config = cfg.build(_overrides(args.set)).compress
+    overrides = _overrides(args.set)
+    try:
+        config = cfg.build(overrides).compress
+    except cfg.ConfigError as exc:
+        raise cfg.ConfigError(f"--set: {exc}") from None
     model = resolve_model(args.model, args.home, args.serve_python, args.compress_python)
     compressor = Compressor(args.compress_python)
     try:
@@ -470,6 +486,8 @@ def cmd_make_toy(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The terminal shows the product's own lines: not Optuna's notes on its experimental options.
+    warnings.filterwarnings("ignore", message=r".*(is experimental|an experimental feature)")
     handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
                 "compress": cmd_compress, "make-toy": cmd_make_toy}
     from search.config import ConfigError

@@ -3,7 +3,7 @@
 Every meter has the same three calls: ``measure_idle(seconds)`` once before the workload, then
 ``start()`` and ``stop() -> EnergyReading`` around each window. ``make_meter`` picks the best source
 this machine has. The pure functions at the top hold all the arithmetic so that it can be tested
-without hardware.
+without hardware; ``window_metrics`` merges one measured window's reading with its requests.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from search import windows, workload
+from search.config import TrialConfig
+from search.workload import RequestResult
 
 # Basis for EstimateMeter's default: an Intel Xeon Platinum 8480+ is rated 350 W TDP for 56 cores
 # (Intel ARK), i.e. 6.25 W for each fully busy core. A crude, declared assumption, not a measurement.
@@ -85,6 +89,11 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "rel_std": _ratio(std, mean)}
 
 
+def meter_kind(source: str) -> str:
+    """The meter a reading's source names: 'nvml-power' is NVML, integrated where a GPU has no counter."""
+    return source.split("-")[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Readings and meters
 
@@ -105,6 +114,29 @@ class EnergyReading:
 
     def as_metrics(self, n_requests: int, output_tokens: int) -> dict[str, float]:
         return summarize(self.joules_gross, self.idle_w, self.duration_s, self.trace, n_requests, output_tokens)
+
+
+def check_energy_source(study_source: str | None, reading: EnergyReading) -> None:
+    """A window read by another meter than the study's fails the trial: the two do not compare."""
+    if study_source and meter_kind(reading.source) != study_source:
+        raise RuntimeError(f"this trial's energy came from {reading.source}, the study's from "
+                           f"{study_source}: the two do not compare (a GPU lost, a counter unreadable?)")
+
+
+def window_metrics(results: list[RequestResult], reading: EnergyReading, config: TrialConfig,
+                   served: int) -> dict[str, float]:
+    """One measured run: counts, latencies, the whole run's energy and its steady state's, with the
+    objective window's J/request as `energy_j_per_request`. Energy is per request served: a
+    configuration whose requests fail is not made cheaper by them."""
+    stats = workload.summarize(results, reading.duration_s)
+    metrics = {**stats, **reading.as_metrics(served, int(stats["completion_tokens"]))}
+    ok = [r for r in results if not r.error]
+    metrics.update(windows.steady_metrics(
+        [(r.token_times[0], r.ended_at) for r in ok if r.token_times], [r.token_times for r in ok],
+        reading.trace, reading.started_at, reading.joules_gross, reading.idle_w, config.serve.max_num_seqs,
+        stats["tokens_per_answer"]))
+    windows.read_objective_window(metrics, config.workload)
+    return metrics
 
 
 class Meter:
@@ -453,15 +485,16 @@ def machine_source() -> str:
     return "nvml" if isinstance(meter, NvmlMeter) else "rapl" if isinstance(meter, RaplMeter) else "estimate"
 
 
-def make_meter(gpu_indices: list[int] | None, pids_provider: Callable[[], list[int]]) -> Meter:
+def make_meter(gpu_indices: list[int] | None, pids_provider: Callable[[], list[int]],
+               sample_hz: float = DEFAULT_SAMPLE_HZ) -> Meter:
     """NVML if a GPU is reachable, else RAPL if readable, else the CPU-time estimate."""
     try:
-        return NvmlMeter(gpu_indices)
+        return NvmlMeter(gpu_indices, sample_hz)
     except Exception:  # no pynvml, no driver, no GPU selected: all mean "no NVML here"
         pass
     if rapl_zones():
-        return RaplMeter()
-    return EstimateMeter(pids_provider)
+        return RaplMeter(sample_hz=sample_hz)
+    return EstimateMeter(pids_provider, sample_hz=sample_hz)
 
 
 # ---------------------------------------------------------------------------------------------

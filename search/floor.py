@@ -9,19 +9,28 @@ The model is read from a Hugging Face config dict (a multimodal config.json with
 FLOPs count 2 per multiply-add of matrix products only (norms, activations, RoPE and softcapping
 are left out, as torch's FlopCounterMode does); pruned layers' down_proj biases count as bytes,
 not FLOPs. MoE blocks and 2:4 sparse storage formats are not modelled.
+
+``floor_metrics`` at the bottom puts one trial's work and measurement through these functions.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from search.models import DecoderLayer, LinearShape, family_for, text_config
+
+if TYPE_CHECKING:  # the adapter's argument types only: the maths above imports none of the pipeline
+    from search.config import TrialConfig
+    from search.energy import EnergyReading
+    from search.workload import Prompt
 
 # Gemma 4's default image budget (70/140/280/560/1120 soft tokens are offered).
 DEFAULT_SOFT_TOKENS_PER_IMAGE = 280
@@ -378,3 +387,37 @@ def floors(workload: dict, gpu: GpuSpec, fmt: str = "bf16") -> dict[str, float |
 def floor_ratio(measured_j: float, floor_j: float) -> float:
     """How many times the floor a measurement spent (>= 1 when the floor is a true lower bound)."""
     return measured_j / floor_j if floor_j > 0 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter a trial calls
+
+
+def floor_metrics(checkpoint: Path, config: TrialConfig, stats: dict, prompts: list[Prompt],
+                  reading: EnergyReading, target_gpu: str | None = None
+                  ) -> tuple[dict[str, float], dict[str, str]]:
+    """The trial's work (FLOPs, decode bytes) and its roofline at TDP on the measured GPU: the time
+    the work needs at the data sheet's peak rate, times the board power. Not a lower bound (a GPU
+    can draw less than its TDP); a yardstick of how far the measurement is from the data sheet.
+    Without a measured GPU, only the GPU the user names (`target_gpu`) gives a ratio."""
+    model_config = json.loads((checkpoint / "config.json").read_text())
+    quant = model_config.get("quantization_config")
+    n = max(1, len(prompts))
+    work = workload_flops(
+        model_config, round(stats["prompt_tokens"] / n), max(1, round(stats["completion_tokens"] / n)),
+        images=round(sum(p.image_png is not None for p in prompts) / n), requests=n,
+        soft_tokens_per_image=config.serve.image_soft_tokens, quant=quant,
+        batch=min(config.workload.max_in_flight, config.serve.max_num_seqs),
+        kv_dtype="auto" if config.serve.kv_cache_dtype == "auto" else "fp8")
+    counts = {"workload_flops": work["flops"], "workload_decode_bytes": work["bytes"]}
+    gpu = gpu_spec(reading.gpus[0]) if reading.gpus else None
+    basis = "data sheet"
+    if gpu is None and target_gpu:
+        gpu, basis = gpu_spec(target_gpu), "data sheet of the named target GPU (not the one measured)"
+    if gpu is None:
+        return counts, {"floor_basis": "none: no GPU measured here (--target-gpu names one for a roofline)"}
+    roofline = floors(work, gpu, compute_format(quant))
+    metrics = {**counts, "floor_compute_j": roofline["compute_j"], "floor_memory_j": roofline["memory_j"],
+               "floor_j": roofline["floor_j"], "floor_ratio": floor_ratio(reading.joules_gross, roofline["floor_j"])}
+    against = "an estimate" if reading.source == "estimate" else "a measurement"
+    return metrics, {"floor_basis": f"{gpu.name} {basis}, {roofline['fmt']} peak", "floor_ratio_against": against}

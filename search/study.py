@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -27,13 +28,14 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from search import bill
 from search import config as cfg
 from search import interrupts
 from search import space as space_mod
 from search import trial as trial_mod
 from search.progress import Progress
 from search.redaction import redact
-from search.summaries import RUNS_HERE, best_feasible, counts, finished
+from search.summaries import RUNS_HERE, best_feasible, counts, finished, study_bill
 from search.track import Tracker, TrackingFailed
 
 OBJECTIVE = "energy_j_per_request"
@@ -222,8 +224,9 @@ class Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         preset = self.presets.get(trial.user_attrs.get("preset", ""), {})
         self.progress.trial_started(trial.number, trial.user_attrs.get("preset"))
-        times: dict[str, float] = {}
-        record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": times, "tags": {},
+        # Opened before the first stage, so that a trial that raises is logged with what its stages spent.
+        trial_record = trial_mod.TrialRecord()
+        record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": trial_record.spent, "tags": {},
                                   "artifacts": []}
         started = time.perf_counter()
         self._expired.clear()
@@ -237,7 +240,8 @@ class Objective:
                 config = self.space.sample(trial, preset)
                 record["params"] = config.flat()
                 trial.set_user_attr("config", record["params"])
-                outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage, times)
+                outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage,
+                                        trial_record).outcome
         except space_mod.Infeasible as exc:
             return self._end(trial, record, "INFEASIBLE", f"infeasible: {exc}", started)
         except trial_mod.TrialPruned as exc:
@@ -326,8 +330,15 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
     retry_interrupted(study)
     objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
                           len(study.directions) > 1, options.trial_timeout_s)
+    # What the baseline spent and measured, for the search's bill (the same on every run and worker).
+    study.set_user_attr("baseline", {k: baseline[k] for k in ("reference", "spent", "energy_j_per_request")
+                                     if k in baseline})
     progress.study_started(study, options.trials)
     optimize_until(study, objective, options)
+    try:
+        tracker.log_bill(*bill.mlflow_fields(study_bill(study)))
+    except TrackingFailed as exc:  # the study's trials are all recorded; the next run logs the bill again
+        print(f"warning: the search's bill not logged: {exc}", file=sys.stderr)
     tracker.flush()
     return counts(study)
 

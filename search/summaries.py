@@ -1,4 +1,5 @@
-"""What a study holds, read from its trials: counts by state, the best feasible trial, progress.
+"""What a study holds, read from its trials: counts by state, the best feasible trial, progress,
+the search's bill.
 
 Shared by the study loop, the live progress line, the CLI and the export, so none of them imports
 another for it.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from search.bill import Bill, TrialCost, make_bill
 
 # The constraint an infeasible trial violates: it cannot run on this hardware and vLLM build.
 RUNS_HERE = "runs_here"
@@ -54,3 +57,18 @@ def finished(study: optuna.Study) -> int:
     retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
     return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                or (t.state == TrialState.FAIL and t.number not in retried))
+
+
+def trial_cost(trial: FrozenTrial) -> TrialCost:
+    """What a finished trial spent (its stage metrics) and, when it ran to the end, what it measured."""
+    ran = trial.state == TrialState.COMPLETE and not is_infeasible(trial)
+    spent = trial.user_attrs.get("metrics") or trial.user_attrs.get("stage_times") or {}
+    return TrialCost(trial.number, spent, trial.user_attrs.get("config"), trial.values[0] if ran else None)
+
+
+def study_bill(study: optuna.Study) -> Bill:
+    """The search's bill: every finished trial, whatever its state, and the baseline (search/bill.py)."""
+    costs = [trial_cost(t) for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    best = best_feasible(study)
+    return make_bill(costs, study.user_attrs.get("baseline", {}), None if best is None else trial_cost(best),
+                     study.user_attrs.get("definition", {}).get("energy_source"))

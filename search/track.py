@@ -71,6 +71,10 @@ class Tracker:
     def log_figures(self, figures: dict[str, Path]) -> None:
         self._record({"kind": "figures", "paths": [str(p) for p in figures.values()]})
 
+    def log_bill(self, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """The search's bill (search/bill.py) on the parent run; a later run's replaces it."""
+        self._record({"kind": "bill", "metrics": metrics, "tags": tags})
+
     def close(self, status: str) -> int:
         """The parent run ends with `status` (FINISHED, FAILED or KILLED); returns the records still
         waiting for the server (sent by the next run)."""
@@ -164,11 +168,15 @@ class Tracker:
         if kind == "trial":
             self._send_trial(record)
             return
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag
         parent = self.parent_run_id()
         if kind == "study":
             self.client.update_run(parent, "RUNNING")
             self.client.log_batch(parent, params=[Param(k, _safe(k, v)) for k, v in record["params"].items()],
+                                  tags=[RunTag(k, _safe(k, v)) for k, v in record["tags"].items()])
+        elif kind == "bill":
+            now = int(time.time() * 1000)
+            self.client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in record["metrics"].items()],
                                   tags=[RunTag(k, _safe(k, v)) for k, v in record["tags"].items()])
         elif kind == "figures":
             for path in record["paths"]:

@@ -1,4 +1,5 @@
-"""The measured windows of one workload run, from request timestamps alone (pure functions).
+"""The measured windows of one workload run, from request timestamps alone (pure functions), and
+the one the objective reads.
 
 Two windows per trial: the whole run, and its steady state as the ML.ENERGY benchmark defines it:
 from the moment the batch first fills to the moment the drain begins. Here "running" means sent,
@@ -12,6 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # an annotation only: this module stays a leaf
+    from search.config import WorkloadConfig
+
+
+class WindowUnreadable(RuntimeError):
+    """The objective's window is missing or too short to read: the trial fails, saying which."""
 
 
 @dataclass(frozen=True)
@@ -130,3 +139,27 @@ def steady_metrics(spans: list[tuple[float, float]], token_times: list[list[floa
             "steady_output_tokens": float(tokens), "steady_tokens_per_s": tokens / window.duration_s,
             "steady_energy_j_per_output_token": per_token,
             "steady_energy_j_per_request": per_token * tokens_per_answer}
+
+
+def read_objective_window(metrics: dict[str, float], settings: WorkloadConfig) -> None:
+    """Put the objective window's J/request in `energy_j_per_request` (the whole run's stays as
+    `whole_energy_j_per_request`); a steady window that is missing or too short to read fails the trial."""
+    if settings.objective_window != "steady":
+        return
+    steady_s = metrics.get("steady_window_s") or 0.0
+    if not steady_s:
+        raise WindowUnreadable("the workload had no steady state to measure (workload.objective_window: steady "
+                               "needs more requests than max_num_seqs, or all at once)")
+    if steady_s < settings.min_steady_s:
+        raise WindowUnreadable(f"the steady state lasted {steady_s:.1f} s, under workload.min_steady_s "
+                               f"{settings.min_steady_s:g} s: too short to read; more requests or longer answers "
+                               "lengthen it")
+    metrics["whole_energy_j_per_request"] = metrics["energy_j_per_request"]
+    metrics["energy_j_per_request"] = metrics["steady_energy_j_per_request"]
+
+
+def prefix_cache_counts(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """(hit tokens, queried tokens) of vLLM's prefix cache over a window, from the server's
+    /metrics counters read at its two ends."""
+    return (after.get("vllm:prefix_cache_hits_total", 0.0) - before.get("vllm:prefix_cache_hits_total", 0.0),
+            after.get("vllm:prefix_cache_queries_total", 0.0) - before.get("vllm:prefix_cache_queries_total", 0.0))

@@ -91,6 +91,8 @@ def test_mlflow_holds_one_child_run_per_trial_with_artifacts(study_home):
     assert infeasible and "bitsandbytes" in infeasible[0].data.tags["failure_reason"]
     parent_artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert "pareto.png" in parent_artifacts
+    # The search's own bill on the study's run, saying whose meter made it.
+    assert parent[0].data.metrics["bill_total_j"] > 0 and parent[0].data.tags["bill_energy_source"] == "estimate"
 
 
 def test_resume_continues_numbering_and_status(study_home, serve_python, main_python):
@@ -102,6 +104,9 @@ def test_resume_continues_numbering_and_status(study_home, serve_python, main_py
     assert trials[3].user_attrs["preset"] == "seed_002_fp8_weights_fp8kv"
     status = json.loads(run_cli(study_home, "status", "--json").stdout)
     assert sum(status["counts"][k] for k in ("complete", "pruned", "failed", "infeasible")) == 4
+    bill = status["bill"]  # every stage the search paid for, the baseline's too, by the study's (estimate) meter
+    assert bill["estimate"] and bill["baseline"]["joules"] > 0 and bill["stages"]["compress"]["seconds"] > 0
+    assert bill["reference_from"] == "the baseline's measured window" and bill["break_even"]
     shown = json.loads(run_cli(study_home, "show", "0").stdout)
     assert shown["user_attrs"]["preset"] == "bf16_reference"
     out = study_home / "front"
@@ -132,6 +137,7 @@ def test_a_hopeless_trial_is_pruned_by_the_screen_before_any_energy_is_measured(
     stages = pruned.user_attrs["stage_times"]
     assert stages["pruned_at_screen"] == 1.0 and stages["time_screen_s"] > 0
     assert "time_workload_s" not in stages and not any(k.startswith("energy") for k in stages)
+    assert stages["spent_screen_j"] >= 0  # what the screen cost is on the search's bill
 
 
 def test_a_sigtermed_study_leaves_no_process_nothing_running_and_no_secret(tmp_path, serve_python, main_python):

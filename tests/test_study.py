@@ -118,7 +118,7 @@ def test_a_full_disk_fails_the_trial_it_hits_and_the_study_goes_on(full_disk, tm
     tracker = Tracker("http://127.0.0.1:9", "full", tmp_path / "art", full_disk / "spool")  # MLflow away too
     outcome = trial_mod.Outcome(1.0, 1.0, True, {"recovery_margin": 0.2, "energy_j_per_request": 1.0},
                                 {"energy_source": "estimate"}, [])
-    monkeypatch.setattr(trial_mod, "run", lambda *args: outcome)
+    monkeypatch.setattr(trial_mod, "run", lambda *args: trial_mod.TrialRecord(outcome=outcome))
     study = optuna.create_study()
     space = space_mod.load(E2E_SPACE)
     objective = study_mod.Objective(study, space, SimpleNamespace(workdir=tmp_path), {}, tracker, {},

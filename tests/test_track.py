@@ -36,6 +36,17 @@ def test_records_wait_while_mlflow_is_away_then_arrive(tmp_path, monkeypatch):
     assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["recipe-1.yaml"]
 
 
+def test_the_searchs_bill_goes_on_the_studys_parent_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "billed", tmp_path / "art", tmp_path / "spool")
+    tracker.log_bill({"bill_total_j": 379.0, "bill_break_even_requests": 758.0},
+                     {"bill_break_even": "after 758 requests of the measured workload"})
+    assert tracker.flush() == 0
+    parent = MlflowClient(uri).get_run(tracker.parent_run_id())
+    assert parent.data.metrics == {"bill_total_j": 379.0, "bill_break_even_requests": 758.0}
+    assert parent.data.tags["bill_break_even"] == "after 758 requests of the measured workload"
+
+
 def test_redact(monkeypatch):
     assert redact("postgresql://user:secret@host:5432/db") == "postgresql://user:***@host:5432/db"
     assert redact("sqlite:///x.db") == "sqlite:///x.db"

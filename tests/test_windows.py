@@ -48,7 +48,7 @@ def test_percentiles_nearest_rank():
 
 def test_the_objective_reads_the_steady_window_only_when_it_is_long_enough():
     from search.config import WorkloadConfig
-    from search.trial import read_objective_window
+    from search.windows import read_objective_window
 
     def metrics(steady_s):
         return {"energy_j_per_request": 3.0, "steady_energy_j_per_request": 2.5, "steady_window_s": steady_s}

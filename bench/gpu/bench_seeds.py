@@ -9,15 +9,16 @@ subcommand and interpreter environment, because llmcompressor and vLLM cannot sh
                                bf16 directly on the GPU from a fixed seed, saved with a tokenizer
                                (262144 entries), chat template and image processor, then completed
                                in the layout vLLM 0.26 loads (search.models.gemma4).
-  compress  (compression env)  one checkpoint per configuration: the same seeded twin rebuilt on the
-                               GPU, the project's recipe (search.compress.recipe.build_recipe), its
-                               pipeline choice (pipeline_for: "basic" on Gemma 4) and its built-in
-                               calibration texts, llmcompressor.oneshot, save_pretrained(compressed).
+  compress  (compression env)  one checkpoint per configuration through the product's compression
+                               stage (search.compress.compress: recipe, pipeline, calibration, its
+                               worker process, cache), whose worker builds the same seeded twin on the
+                               GPU (twin_for_compression) instead of loading the base's weights.
   drive     (image python)     orchestrates: build, compression in a child process (GPU work under a
                                file lock, so nothing else runs on the GPU during a measured window),
                                then for every configuration a vLLM server from search.serve
-                               (vllm_config.yaml), warm-up, idle, measured windows with
-                               search.energy.NvmlMeter, peak GPU memory from NVML, a table.
+                               (vllm_config + engine_env), the product's warm-up, idle and measured
+                               windows (search.workload, search.energy, search.energy.window_metrics),
+                               peak GPU memory from NVML, a table.
 
 Local CPU rehearsal at toy size (no GPU): `--toy` and `--meter auto` (see bench/gpu/README.md).
 """
@@ -29,6 +30,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,23 +113,29 @@ BENCH_SERVE = {
     "serve.enable_prefix_caching": False, "serve.enable_chunked_prefill": True,
     "serve.gpu_memory_utilization": 0.9, "serve.limit_images": 1, "serve.image_soft_tokens": SOFT_TOKENS,
     "serve.enforce_eager": False, "serve.seed": 0,
+    # No multimodal processor cache: every window preprocesses its images, none reuses another's.
+    "serve.mm_processor_cache_gb": 0,
     # vLLM 0.26 chooses FlashAttention 4 for Gemma 4's mixed head sizes (256/512) on Hopper; FA4 imports
     # nvidia-cutlass-dsl, which the staged wheels leave out ("No module named 'cutlass'" on the H200).
     "serve.attention_backend": "TRITON_ATTN",
 }
-# Engine arguments beyond ServeConfig's fields, added to vllm_config(...)'s dict:
-#  - a fixed KV-cache size, so NVML's peak memory compares the configurations (with
-#    gpu-memory-utilization alone every server fills 90% of the card);
-#  - no multimodal processor cache: every window preprocesses its images, none reuses another's;
-#  - fewer CUDA-graph sizes than the default ~35 (server start time is this benchmark's budget).
-ENGINE_EXTRA = {
-    "kv-cache-memory-bytes": 8 * GiB,
-    "mm-processor-cache-gb": 0,
-    "compilation-config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]},
+# The one engine argument beyond ServeConfig's fields, merged over vllm_config(...)'s: a fixed
+# KV-cache size, so that NVML's peak memory compares the configurations (with
+# gpu-memory-utilization alone every server fills 90% of the card).
+ENGINE_EXTRA = {"kv-cache-memory-bytes": 8 * GiB}
+# The servers' environment besides the configuration's own (search.serve.engine_env).
+SERVER_ENV = {
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",  # field notes: the FlashInfer sampler hangs at first use
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
 }
+WARMUP_TOKENS = 32  # a warm-up answer: enough to run every kernel, short to save the budget
+# What the compression worker calls instead of loading the base (search.compress.worker.load_model).
+TWIN_FACTORY = "bench.gpu.bench_seeds:twin_for_compression"
 
 
-def trial_config(name: str, serve_override: dict | None = None):
+def trial_config(name: str, override: dict | None = None):
+    """The configuration `name` as search.config.build validates it; `override`: dotted values."""
     import yaml
     from search.config import build
 
@@ -138,8 +147,16 @@ def trial_config(name: str, serve_override: dict | None = None):
     values.update(extra)
     values.update(BENCH_SERVE)
     values["serve.kv_cache_dtype"] = kv
-    values.update(serve_override or {})
+    values.update(override or {})
     return build(values)
+
+
+def bench_workload(args, n_prompts: int) -> dict:
+    """The measured windows' workload as dotted values: every prompt once, all warmed up first,
+    a fixed output length (ignore_eos), the answers' own sampling settings (not fidelity's)."""
+    return {"workload.n_requests": n_prompts, "workload.warmup_requests": n_prompts,
+            "workload.concurrency": args.concurrency, "workload.max_tokens": args.max_tokens,
+            "workload.ignore_eos": True, "workload.quality": "labels"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +220,16 @@ def build_model(config, device: str):
         torch.set_default_dtype(previous)
     model.eval()
     model.generation_config.do_sample = False
+    return model
+
+
+def twin_for_compression(base: Path, device_map: str | None):
+    """The twin the compression worker compresses (TWIN_FACTORY): rebuilt from the base's config and
+    the seed on the compression device, the same weights as the base's files without reading them."""
+    from transformers import Gemma4Config
+
+    model = build_model(Gemma4Config.from_pretrained(base), device_map or "cpu")
+    model.config.name_or_path = str(base)  # oneshot re-reads the config from disk to validate the model
     return model
 
 
@@ -283,114 +310,59 @@ def gpu_lock(root: Path, who: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def compressed_marker(root: Path, name: str) -> Path:
+    """Written by `compress` when the checkpoint of `name` is made: its path and the stage's stats."""
+    return root / f"ckpt-{name}.json"
 
 
-def compress_one(name: str, root: Path, toy: bool) -> dict:
-    import datasets
-    import torch
-    import yaml
-    from llmcompressor import oneshot
-    from llmcompressor.core import reset_session
-    from transformers import AutoTokenizer, Gemma4Config
-
-    from search.compress.calibration import builtin_texts
-    from search.models.gemma4 import complete_kv_shared
-    from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
-    from search.compress.structured import flap_prune
-    from search.compress.worker import _CARRIED
-
-    base, out = root / "base", root / f"ckpt-{name}"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = trial_config(name).compress
-    config = Gemma4Config.from_pretrained(base)
-    text = config.text_config
-    recipe = build_recipe(cfg, text.num_hidden_layers)
-    out.mkdir(parents=True)
-    recipe_path = out / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    t0 = time.perf_counter()
-    device = device_of_choice()
-    model = build_model(config, device)
-    model.config.name_or_path = str(base)  # oneshot re-reads the config from disk to validate the model
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    kwargs: dict = {}
-    widths = structured_widths(cfg, config.to_dict())
-    if needs_calibration(recipe) or widths:
-        cal = cfg.calibration
-        texts = builtin_texts(cal.n_samples, cal.seed)
-        ds = datasets.Dataset.from_dict({"text": texts}).map(
-            lambda row: tokenizer(row["text"], truncation=True, max_length=cal.seq_len,
-                                  add_special_tokens=False), remove_columns=["text"])
-    if needs_calibration(recipe):
-        kwargs = {"dataset": ds, "num_calibration_samples": len(texts), "max_seq_length": cal.seq_len,
-                  "processor": tokenizer}
-    pipeline = pipeline_for(recipe, config.to_dict())
-    if pipeline:
-        kwargs["pipeline"] = pipeline
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t1 = time.perf_counter()
-    channels = flap_prune(model, (torch.tensor([ids]) for ids in ds["input_ids"]), widths) if widths else {}
-    if recipe:
-        oneshot(model=model, recipe=str(recipe_path), **kwargs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    model.save_pretrained(out, save_compressed=bool(recipe), max_shard_size="4GB")
-    reset_session()
-    tokenizer.save_pretrained(out)
-    for fname in _CARRIED:
-        if (base / fname).exists():
-            shutil.copy2(base / fname, out / fname)
-    added = complete_kv_shared(out)
-    t3 = time.perf_counter()
-    stats = {"name": name, "pipeline": pipeline or "default", "calibration_samples": kwargs.get(
-        "num_calibration_samples", 0), "calibration_seq_len": kwargs.get("max_seq_length", 0),
-        "build_s": t1 - t0, "oneshot_s": t2 - t1, "save_s": t3 - t2, "size_bytes": dir_bytes(out),
-        "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB if device == "cuda" else 0.0,
-        "kv_shared_tensors_added": len(added), "modifiers": list(recipe.get("default_stage", {}).get(
-            "default_modifiers", {})), **channels}
-    (out / "compress_stats.json").write_text(json.dumps(stats, indent=2))
-    del model
-    import gc
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return stats
+def failed_marker(root: Path, name: str) -> Path:
+    return root / f"ckpt-{name}.FAILED"
 
 
 def cmd_compress(args) -> None:
-    """Compress each named configuration in turn; disk permitting, ahead of the servers."""
+    """Compress each named configuration in turn through the product's compression stage; disk
+    permitting, ahead of the servers."""
+    from search.compress import CheckpointCache, Compressor, compress
+
     root = Path(args.root)
-    base_bytes = json.loads((root / "base" / "build_stats.json").read_text())["size_bytes"]
+    base = root / "base"
+    base_bytes = json.loads((base / "build_stats.json").read_text())["size_bytes"]
+    cache = CheckpointCache(root / "cache")
+    compressor = Compressor(sys.executable, model_factory=TWIN_FACTORY)
     for name in args.names.split(","):
         if not name or not trial_config(name).compress.needs_checkpoint:
             continue
-        out = root / f"ckpt-{name}"
-        if (out / "DONE").exists() or (root / f"ckpt-{name}.FAILED").exists():
+        done, failed = compressed_marker(root, name), failed_marker(root, name)
+        if done.exists() or failed.exists():
             continue
         # A checkpoint is at most the base's size: wait until the drive has deleted served ones.
         while shutil.disk_usage(root).free < base_bytes + 3 * GiB:
             time.sleep(5)
+        job_log = root / f"compress-{name}.log"
         with gpu_lock(root, f"compress {name}"):
             print(f"[compress] {name} start (free {shutil.disk_usage(root).free / GiB:.1f} GiB)", flush=True)
+            result, error = None, None
             try:
-                stats = compress_one(name, root, args.toy)
-                (out / "DONE").write_text(json.dumps(stats))
-                print(f"[compress] {name} done {json.dumps(stats)}", flush=True)
-            except BaseException as exc:  # an OOM or a recipe failure is this configuration's result
+                result = compress(trial_config(name).compress, base, cache, compressor, version("llmcompressor"),
+                                  job_log)
+            except Exception as exc:  # an OOM or a recipe failure is this configuration's result
                 traceback.print_exc()
-                shutil.rmtree(out, ignore_errors=True)
-                (root / f"ckpt-{name}.FAILED").write_text(f"{type(exc).__name__}: {exc}"[:2000])
-                print(f"[compress] {name} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                with contextlib.suppress(Exception):
-                    import torch
-                    torch.cuda.empty_cache()
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+            finally:
+                # Its worker ends with each checkpoint: nothing llmcompressor keeps alive stays on the GPU.
+                compressor.close()
+            if job_log.exists():  # the worker's output joins this process's (the drive's compress.log)
+                print(job_log.read_text(errors="replace"), flush=True)
+        if error:
+            failed.write_text(error)
+            print(f"[compress] {name} FAILED {error[:300]}", flush=True)
+            continue
+        stats = {"name": name, "checkpoint": str(result.checkpoint), "cache_key": result.key,
+                 "seconds": result.seconds, "modifiers": list(result.recipe.get("default_stage", {}).get(
+                     "default_modifiers", {})),
+                 **json.loads((result.checkpoint / "compress_stats.json").read_text())}
+        done.write_text(json.dumps(stats))
+        print(f"[compress] {name} done {json.dumps(stats)}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,36 +449,38 @@ class Log:
 
 
 def fmt(x, spec=".1f"):
-    return "n/a" if x is None else format(x, spec)
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
 
 
 def table(rows: list[dict], spread_row: dict | None) -> str:
     ref = next((r for r in rows if r["name"] == "bf16" and r.get("ok")), None)
 
-    def rel(r, key, higher_better=False):
-        if not ref or not r.get("ok") or not ref.get(key):
+    def rel(r, key):
+        if not ref or not r.get("ok") or not ref.get(key) or math.isnan(r[key] / ref[key]):
             return "n/a"
         return f"{r[key] / ref[key]:.2f}x"
 
     lines = [
-        "| configuration | J/1k out tok (gross) | vs bf16 | J/1k tok net of idle | vs bf16 | tokens/Wh | vs bf16 "
+        "| configuration | J/1k out tok (gross) | vs bf16 | J/1k tok net of idle | vs bf16 | J/1k tok, steady state "
+        "| vs bf16 | tokens/Wh | vs bf16 "
         "| throughput tok/s | vs bf16 | avg W | peak GPU mem GiB (NVML, server) | vs bf16 | windows | start s | images "
         "| floor J/window (compute / memory) | measured / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if not r.get("ok"):
             lines.append(f"| {LABELS.get(r['name'], r['name'])} | FAILED: {r.get('error', '?')[:300]} "
-                         "| | | | | | | | | | | | | | | |")
+                         "| | | | | | | | | | | | | | | | | |")
             continue
         lines.append(
             f"| {LABELS.get(r['name'], r['name'])} | {r['j_per_1k_gross']:.1f} | {rel(r, 'j_per_1k_gross')} "
-            f"| {r['j_per_1k_net']:.1f} | {rel(r, 'j_per_1k_net')} | {r['tokens_per_wh']:.0f} "
+            f"| {r['j_per_1k_net']:.1f} | {rel(r, 'j_per_1k_net')} | {fmt(r['j_per_1k_steady'])} "
+            f"| {rel(r, 'j_per_1k_steady')} | {r['tokens_per_wh']:.0f} "
             f"| {rel(r, 'tokens_per_wh')} | {r['throughput']:.0f} | {rel(r, 'throughput')} | {r['avg_w']:.0f} "
             f"| {r['peak_mem_gib']:.1f} | {rel(r, 'peak_mem_gib')} | {r['windows']} | {r['start_s']:.0f} "
             f"| {'1/request' if r.get('images', True) else 'NONE (text-only fallback)'} "
             f"| {fmt(r.get('floor_j'))} ({fmt(r.get('floor_compute_j'))} / {fmt(r.get('floor_memory_j'))}) "
-            f"| {fmt(r.get('floor_ratio'), '.1f')}x |")
+            f"| {fmt(r.get('floor_ratio'))}{'x' if r.get('floor_ratio') else ''} |")
     if spread_row:
         s = spread_row
         lines.append("")
@@ -516,45 +490,44 @@ def table(rows: list[dict], spread_row: dict | None) -> str:
     return "\n".join(lines)
 
 
-def serve_and_measure(name: str, args, root: Path, log: Log, prompts, idle_bare_w: float | None) -> dict:
+def serve_and_measure(name: str, model: Path, args, root: Path, log: Log, prompts,
+                      idle_bare_w: float | None) -> dict:
+    """Serve `model` as configuration `name` and measure its windows the way a trial does."""
     import httpx
 
     from search import energy, serve, workload
-    from search.config import WorkloadConfig
+    from search.config import build, flatten
+    from search.energy import window_metrics
+    from search.floor import floor_metrics
+    from search.trial import raise_if_engine_died
 
-    cfg = trial_config(name, json.loads(args.serve_override) if args.serve_override else None)
-    model = root / "base" if not cfg.compress.needs_checkpoint else root / f"ckpt-{name}"
-    engine = serve.vllm_config(cfg.serve, cfg.compress)
-    engine.update(ENGINE_EXTRA)
-    engine.update(json.loads(args.engine_override) if args.engine_override else {})
+    override = json.loads(args.serve_override) if args.serve_override else {}
+    cfg = trial_config(name, {**override, **bench_workload(args, len(prompts))})
+    engine = {**serve.vllm_config(cfg.serve, cfg.compress, cfg.workload.max_in_flight), **ENGINE_EXTRA,
+              **(json.loads(args.engine_override) if args.engine_override else {})}
+    env = {**SERVER_ENV, "PYTHONPATH": args.site_vllm, **serve.engine_env(cfg.serve)}
     workdir = root / f"serve-{name}"
     shutil.rmtree(workdir, ignore_errors=True)
-    env = {"PYTHONPATH": args.site_vllm, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    measure = WorkloadConfig(n_requests=len(prompts), warmup_requests=0, concurrency=args.concurrency,
-                             max_tokens=args.max_tokens, ignore_eos=True, quality="labels",
-                             tasks=("builtin_documents", "builtin_scenes"))
-    warm = dataclasses.replace(measure, max_tokens=32)
     mem = MemorySampler()
     mem.start()
     server = None
     row: dict = {"name": name, "label": LABELS.get(name, name), "model": str(model),
-                 "engine": engine, "compress": dataclasses.asdict(cfg.compress)}
+                 "engine": engine, "engine_env": serve.engine_env(cfg.serve),
+                 "compress": flatten(cfg.compress)}
     try:
-        t0 = time.perf_counter()
         row["stage"] = "start"
         server = serve.start(args.serve_python, model, engine, workdir, timeout_s=args.start_timeout, env=env)
         row["stage"] = "warmup"
         mem.pids = set(server.pids())
-        row["start_s"] = time.perf_counter() - t0
+        row["start_s"] = server.started_s
         print(f"[drive] {name}: server ready in {row['start_s']:.0f} s", flush=True)
         tw = time.perf_counter()
-        res = workload.run(server.base_url, server.served_name, prompts, warm, first_index=-10_000,
-                           timeout_s=args.request_timeout)
-        errs = [r.error for r in res if r.error]
-        if errs:
-            raise RuntimeError(f"warm-up: {len(errs)}/{len(res)} requests failed: {errs[0]}")
+        warm = workload.warm_up(server.base_url, server.served_name, prompts,
+                                build({"workload.max_tokens": WARMUP_TOKENS}, base=cfg).workload)
+        raise_if_engine_died(server, warm)
+        errors = [r.error for r in warm if r.error]
+        if errors:
+            raise RuntimeError(f"warm-up: {len(errors)}/{len(warm)} requests failed: {errors[0]}")
         row["warmup_s"] = time.perf_counter() - tw
         row["stage"] = "measure"
         meter = energy.NvmlMeter() if args.meter == "nvml" else energy.make_meter(None, server.pids)
@@ -566,39 +539,31 @@ def serve_and_measure(name: str, args, root: Path, log: Log, prompts, idle_bare_
             for rep in range(args.repeats_bf16 if name == "bf16" else args.repeats):
                 before = server.metrics()
                 meter.start()
-                results = workload.run(server.base_url, server.served_name, prompts, measure,
+                results = workload.run(server.base_url, server.served_name, prompts, cfg.workload,
                                        first_index=rep * 1000, timeout_s=args.request_timeout)
                 reading = meter.stop()
-                after = server.metrics()
-                stats = workload.summarize(results, reading.duration_s)
-                tokens = stats["completion_tokens"]
-                w = {"rep": rep, "tokens": tokens, "errors": stats["request_errors"],
-                     "prompt_tokens": stats["prompt_tokens"], "duration_s": reading.duration_s,
-                     "joules_gross": reading.joules_gross, "joules_net": reading.joules_net,
-                     "idle_w": reading.idle_w, "avg_w": reading.avg_w, "peak_w": reading.peak_w,
-                     "source": reading.source,
-                     "metrics_generation_tokens": after.get("vllm:generation_tokens_total", 0)
-                     - before.get("vllm:generation_tokens_total", 0),
-                     "j_per_1k_gross": 1000 * reading.joules_gross / tokens if tokens else None,
-                     "j_per_1k_net": 1000 * reading.joules_net / tokens if tokens else None,
-                     "tokens_per_wh": tokens / (reading.joules_gross / 3600) if reading.joules_gross else None,
-                     "throughput": tokens / reading.duration_s, "ttft_p50_s": stats["ttft_p50_s"],
-                     "latency_p50_s": stats["latency_p50_s"]}
-                if stats["request_errors"]:
+                raise_if_engine_died(server, results)
+                generated = server.metrics().get("vllm:generation_tokens_total", 0) - before.get(
+                    "vllm:generation_tokens_total", 0)
+                # The trial's own reading of a window: counts, latencies, whole and steady-state energy.
+                metrics = window_metrics(results, reading, cfg, sum(r.error is None for r in results))
+                w = window_record(rep, metrics, reading, generated)
+                if metrics["request_errors"]:
                     w["first_error"] = next(r.error for r in results if r.error)
                 windows.append(w)
                 log.record("window", name=name, **w)
-                print(f"[drive] {name} window {rep}: {json.dumps({k: w[k] for k in ('tokens', 'errors', 'duration_s', 'joules_gross', 'j_per_1k_gross', 'avg_w')})}", flush=True)
-                if stats["request_errors"] == len(results) or not tokens:
+                shown = ("tokens", "request_errors", "window_s", "joules_gross", "j_per_1k_gross", "j_per_1k_steady",
+                         "avg_power_w")
+                print(f"[drive] {name} window {rep}: {json.dumps({k: w[k] for k in shown})}", flush=True)
+                if not w["tokens"]:
                     raise RuntimeError(f"no output tokens in window {rep}: {w.get('first_error', 'no error reported')}"
                                        f"{'' if server.alive() else ' (the server died)'}")
             row["method"] = reading.method
-            # The product's floor (search.trial.floor_metrics) for one window's work on this GPU.
-            from search.trial import floor_metrics
-            floor_values, floor_tags = floor_metrics(model, dataclasses.replace(cfg, workload=measure),
-                                                     stats, prompts, reading)
-            row.update(floor_j=floor_values["floor_j"], floor_compute_j=floor_values["floor_compute_j"],
-                       floor_memory_j=floor_values["floor_memory_j"], floor_basis=floor_tags["floor_basis"])
+            # The product's floor (search.floor.floor_metrics) for one window's work on this GPU (none
+            # without a GPU measured: the CPU rehearsal).
+            floor_values, floor_tags = floor_metrics(model, cfg, metrics, prompts, reading)
+            row.update({k: floor_values[k] for k in ("floor_j", "floor_compute_j", "floor_memory_j")
+                        if k in floor_values}, floor_basis=floor_tags["floor_basis"])
         finally:
             meter.close()
         good = [w for w in windows if w["tokens"]]
@@ -606,12 +571,14 @@ def serve_and_measure(name: str, args, root: Path, log: Log, prompts, idle_bare_
         row["short_windows"] = [w["rep"] for w in good if w["tokens"] != expected]
         mean = lambda k: sum(w[k] for w in good) / len(good)  # noqa: E731
         row.update(ok=True, windows=len(good), j_per_1k_gross=mean("j_per_1k_gross"),
-                   j_per_1k_net=mean("j_per_1k_net"), tokens_per_wh=mean("tokens_per_wh"),
-                   throughput=mean("throughput"), avg_w=mean("avg_w"), tokens_per_window=mean("tokens"),
-                   prompt_tokens_per_window=mean("prompt_tokens"), window_s=mean("duration_s"),
+                   j_per_1k_net=mean("j_per_1k_net"), j_per_1k_steady=mean("j_per_1k_steady"),
+                   tokens_per_wh=mean("tokens_per_wh"), throughput=mean("throughput_tok_s"),
+                   avg_w=mean("avg_power_w"), tokens_per_window=mean("tokens"),
+                   prompt_tokens_per_window=mean("prompt_tokens"), window_s=mean("window_s"),
                    j_per_1k_gross_all=[w["j_per_1k_gross"] for w in good],
                    j_per_1k_net_all=[w["j_per_1k_net"] for w in good])
-        row["floor_ratio"] = mean("joules_gross") / row["floor_j"]
+        if "floor_j" in row:
+            row["floor_ratio"] = mean("joules_gross") / row["floor_j"]
         with contextlib.suppress(Exception):
             row["vllm_log_facts"] = log_facts(server.log_path)
     except Exception as exc:
@@ -634,6 +601,20 @@ def serve_and_measure(name: str, args, root: Path, log: Log, prompts, idle_bare_
             keep.mkdir(exist_ok=True)
             shutil.copy2(workdir / "server.log", keep / f"{name}.log")
     return row
+
+
+def window_record(rep: int, metrics: dict, reading, generated_tokens: float) -> dict:
+    """One measured window for results.jsonl: the trial's window metrics, in this table's units
+    (J per 1000 output tokens), and the names that floor_ratio.py and the earlier runs' files use."""
+    tokens = int(metrics["completion_tokens"])
+
+    def per_1k(joules: float) -> float:
+        return 1000 * joules / tokens if tokens else math.nan
+
+    return {"rep": rep, **metrics, "tokens": tokens, "joules_gross": reading.joules_gross,
+            "joules_net": reading.joules_net, "source": reading.source, "metrics_generation_tokens": generated_tokens,
+            "j_per_1k_gross": per_1k(reading.joules_gross), "j_per_1k_net": per_1k(reading.joules_net),
+            "j_per_1k_steady": 1000 * metrics.get("steady_energy_j_per_output_token", math.nan)}
 
 
 def log_facts(path: Path) -> list[str]:
@@ -688,14 +669,13 @@ def cmd_drive(args) -> None:
     log = Log(out)
     names = [n for n in (args.configs.split(",") if args.configs != "all" else ORDER)]
     me = [args.compress_python, str(Path(__file__).resolve())]
-    toy = ["--toy"] if args.toy else []
     t_start = time.time()
     print(f"[drive] configs {names}; root {root} (free {shutil.disk_usage(root).free / GiB:.1f} GiB)", flush=True)
 
     # 1. The twin.
     tb = time.perf_counter()
-    rc = run_child(me + ["build", "--root", str(root)] + toy, args.site_llmc + os.pathsep + str(REPO),
-                   out / "compress.log")
+    rc = run_child(me + ["build", "--root", str(root)] + (["--toy"] if args.toy else []),
+                   args.site_llmc + os.pathsep + str(REPO), out / "compress.log")
     if rc != 0 or not (root / "base" / "BUILD_OK").exists():
         log.record("fatal", error=f"build failed (rc {rc}); see compress.log")
         print("[drive] build FAILED; see compress.log", flush=True)
@@ -706,17 +686,15 @@ def cmd_drive(args) -> None:
     print(f"[drive] build done in {time.perf_counter() - tb:.0f} s: {json.dumps(build_stats)}", flush=True)
 
     # 2. Compression ahead of serving, in the background, one GPU phase at a time.
-    # One process per checkpoint: whatever llmcompressor keeps alive ends with it, so the GPU is
-    # empty (bar nothing) when a server starts.
     to_compress = [n for n in names if trial_config(n).compress.needs_checkpoint]
 
     def compress_all() -> None:
         for n in to_compress:
-            rc = run_child(me + ["compress", "--root", str(root), "--names", n] + toy,
+            rc = run_child(me + ["compress", "--root", str(root), "--names", n],
                            args.site_llmc + os.pathsep + str(REPO), out / "compress.log")
-            if not (root / f"ckpt-{n}" / "DONE").exists() and not (root / f"ckpt-{n}.FAILED").exists():
-                (root / f"ckpt-{n}.FAILED").write_text(f"compress process exited with rc {rc} and no "
-                                                       "checkpoint (killed? see compress.log)")
+            if not compressed_marker(root, n).exists() and not failed_marker(root, n).exists():
+                failed_marker(root, n).write_text(f"compress process exited with rc {rc} and no "
+                                                  "checkpoint (killed? see compress.log)")
 
     comp = threading.Thread(target=compress_all, daemon=True)
     comp.start()
@@ -757,41 +735,44 @@ def cmd_drive(args) -> None:
     text_prompts = [dataclasses.replace(p, image_png=None) for p in prompts]
     for name in names:
         cfg = trial_config(name)
-        ckpt = root / f"ckpt-{name}"
+        model = root / "base"
+        done, failed = compressed_marker(root, name), failed_marker(root, name)
         if cfg.compress.needs_checkpoint:
-            while not (ckpt / "DONE").exists() and not (root / f"ckpt-{name}.FAILED").exists():
-                if not comp.is_alive() and not (ckpt / "DONE").exists():
-                    break
+            while not done.exists() and not failed.exists() and comp.is_alive():
                 time.sleep(2)
-            if not (ckpt / "DONE").exists():
-                reason = (root / f"ckpt-{name}.FAILED").read_text() if (root / f"ckpt-{name}.FAILED").exists() \
-                    else "compression process ended without a checkpoint"
+            if not done.exists():
+                reason = failed.read_text() if failed.exists() else "compression process ended without a checkpoint"
                 row = {"name": name, "ok": False, "error": f"compression failed: {reason[:1200]}"}
                 rows.append(row)
                 log.record("config", **row)
                 continue
-            log.record("compress", **json.loads((ckpt / "DONE").read_text()))
+            compressed = json.loads(done.read_text())
+            log.record("compress", **compressed)
+            model = Path(compressed["checkpoint"])
         with gpu_lock(root, f"serve {name}"):
-            row = serve_and_measure(name, args, root, log, prompts if images_ok else text_prompts, idle_bare)
+            row = serve_and_measure(name, model, args, root, log, prompts if images_ok else text_prompts, idle_bare)
             if not row.get("ok") and row.get("stage") == "warmup" and images_ok:
                 # Fallback: if image requests break this vLLM, measure text-only rather than nothing.
                 images_ok = False
                 first_error = row.get("error", "")
                 log.record("images_failed", name=name, error=first_error)
                 print(f"[drive] image requests failed ({first_error[:300]}); text-only from now on", flush=True)
-                row = serve_and_measure(name, args, root, log, text_prompts, idle_bare)
+                row = serve_and_measure(name, model, args, root, log, text_prompts, idle_bare)
                 row["images_error"] = first_error
+            if cfg.compress.needs_checkpoint and not args.keep:
+                # Served: its disk goes to the next checkpoints (a cache entry without its folder is no entry).
+                shutil.rmtree(model, ignore_errors=True)
+                done.unlink()
+            rest = names[names.index(name) + 1:]
+            if not args.keep and all(trial_config(n).compress.needs_checkpoint for n in rest):
+                # No server reads the base weights any more (the compression worker rebuilds the twin
+                # from its seed and reads only config and tokenizer files): free their disk for the
+                # checkpoints. Under the GPU lock: a compression starting meanwhile hashes the base's files.
+                for f in (root / "base").glob("*.safetensors"):
+                    f.unlink()
         row["images"] = images_ok
         rows.append(row)
         log.record("config", **{k: v for k, v in row.items() if k != "engine"}, engine=row.get("engine"))
-        if cfg.compress.needs_checkpoint and not args.keep:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        rest = names[names.index(name) + 1:]
-        if not args.keep and all(trial_config(n).compress.needs_checkpoint for n in rest):
-            # No server reads the base weights any more (compression rebuilds the twin from its seed
-            # and reads only config and tokenizer files): free their disk for the checkpoints.
-            for f in (root / "base").glob("*.safetensors"):
-                f.unlink()
         spread_row = spread_of(rows)
         (out / "results.md").write_text(table(rows, spread_row) + "\n")
         print(table(rows, spread_row), flush=True)
@@ -825,7 +806,6 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("compress")
     c.add_argument("--root", required=True)
     c.add_argument("--names", required=True)
-    c.add_argument("--toy", action="store_true")
     d = sub.add_parser("drive")
     d.add_argument("--root", required=True)
     d.add_argument("--out", required=True)
