@@ -259,17 +259,25 @@ def family_cache(tmp_path_factory):
     return CheckpointCache(tmp_path_factory.mktemp("family-cache"))
 
 
-def _load_in_vllm(serve_python, checkpoint, config, env=None):
+def _engine(config):
     engine = {"enforce_eager": True, "gpu_memory_utilization": 0.12, "max_model_len": 512,
               "limit_mm_per_prompt": {"image": 0, "audio": 0, "video": 0}}
     if config.compress.scheme == "bnb_nf4":
         engine.update(quantization="bitsandbytes", load_format="bitsandbytes")
-    proc = subprocess.run([serve_python, str(Path(__file__).with_name("load_in_vllm.py")), str(checkpoint),
-                           json.dumps(engine)], capture_output=True, text=True, timeout=600,
+    return engine
+
+
+def _run_loader(serve_python, args, env=None):
+    proc = subprocess.run([serve_python, str(Path(__file__).with_name("load_in_vllm.py")), *args],
+                          capture_output=True, text=True, timeout=1200,
                           env={**(env or os.environ), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, proc.stderr[-2000:]
-    return json.loads(line[-1][len("RESULT "):])
+    lines = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stderr[-2000:]
+    return lines
+
+
+def _load_in_vllm(serve_python, checkpoint, config, env=None):
+    return json.loads(_run_loader(serve_python, [str(checkpoint), json.dumps(_engine(config))], env)[-1])
 
 
 def _infeasible_reason(config, platform):
@@ -280,14 +288,36 @@ def _infeasible_reason(config, platform):
     return None
 
 
+@pytest.fixture(scope="module")
+def family_loads(toy_model, tmp_path_factory, compressor, family_cache, serve_python, platform):
+    """Every family compressed, then loaded by vLLM: those this machine can run one after another in
+    one process (vLLM's import is most of a load on a CPU), each that is declared infeasible in a
+    process of its own, so that no failure can leave state behind for the next load. A load that
+    fails in the shared process is tried again alone: only a failure of its own counts."""
+    work = tmp_path_factory.mktemp("family-loads")
+    configs = {name: cfg.build({"serve.max_model_len": 512, **values}) for name, values in FAMILIES.items()}
+    checkpoints = {name: compress(c.compress, toy_model, family_cache, compressor, "test", work / f"{name}.log").checkpoint
+                   for name, c in configs.items()}
+    runnable = [name for name, c in configs.items() if _infeasible_reason(c, platform) is None]
+    jobs = work / "jobs.json"
+    jobs.write_text(json.dumps([{"name": name, "checkpoint": str(checkpoints[name]), "engine": _engine(configs[name])}
+                                for name in runnable]))
+    loads = {}
+    for line in _run_loader(serve_python, ["--many", str(jobs)]):
+        name, result = line.split(" ", 1)
+        loads[name] = json.loads(result)
+    for name in configs:
+        if not loads.get(name, {}).get("ok"):
+            loads[name] = _load_in_vllm(serve_python, checkpoints[name], configs[name])
+    return configs, loads
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, toy_model, tmp_path, compressor,
-                                                                     family_cache, serve_python, platform):
+def test_scheme_family_loads_in_vllm_or_is_infeasible_for_its_reason(family, family_loads, platform):
     """On this machine's CPU, as the probe sees it: what runs loads, what is declared infeasible fails."""
-    config = cfg.build({"serve.max_model_len": 512, **FAMILIES[family]})
-    expected_reason = _infeasible_reason(config, platform)
-    result = compress(config.compress, toy_model, family_cache, compressor, "test", tmp_path / "compress.log")
-    loaded = _load_in_vllm(serve_python, result.checkpoint, config)
+    configs, loads = family_loads
+    expected_reason = _infeasible_reason(configs[family], platform)
+    loaded = loads[family]
     if expected_reason is None:
         assert loaded["ok"], loaded.get("error")
         assert loaded["tokens"] == 4
