@@ -306,10 +306,7 @@ def measure_window(runtime: Runtime, server: Server, meter: energy.Meter, prompt
 def measure_repeat(runtime: Runtime, server: Server, meter: energy.Meter, prompts: list[Prompt],
                    config: TrialConfig) -> float:
     """One more measured window's objective J/request (workload.energy_repeats)."""
-    meter.start()
-    results = workload.run(server.base_url, server.served_name, prompts, config.workload)
-    reading = meter.stop()
-    energy.check_energy_source(runtime.energy_source, reading)
+    results, reading, _ = measure_window(runtime, server, meter, prompts, config.workload)
     served = require_served(results, config.workload.max_failed_share)
     return window_metrics(results, reading, config, served)["energy_j_per_request"]
 

@@ -16,16 +16,10 @@ from mlflow.tracking import MlflowClient
 from search import local_postgres
 from search import study as study_mod
 from search.summaries import measured
+from search_cli import run_cli
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "e2e_space.yaml"
-
-
-def run_cli(home, *args):
-    proc = subprocess.run([sys.executable, "-m", "search", *args, "--home", str(home)], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

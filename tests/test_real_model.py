@@ -5,8 +5,6 @@ bare request with the trial's system turn."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,24 +16,18 @@ from safetensors import safe_open
 from objectives.tasks import load_examples, resolve_task
 from search.models import LLAMA
 from search.serve import start
+from search_cli import run_cli
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "smollm2_e2e_space.yaml"
 pytestmark = pytest.mark.e2e
 
 
-def run_cli(home, *args):
-    proc = subprocess.run([sys.executable, "-m", "search", *args, "--home", str(home)], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def study_home(tmp_path_factory, serve_python, main_python):
     home = tmp_path_factory.mktemp("real-home")
     run_cli(home, "run", "--trials", "2", "--space", str(SPACE), "--study", "real",
-            "--serve-python", serve_python, "--compress-python", main_python)
+            "--serve-python", serve_python, "--compress-python", main_python, timeout_s=2400)
     return home
 
 
@@ -72,7 +64,7 @@ def test_two_real_model_trials_complete_with_label_and_label_free_quality(study_
 def test_the_exported_config_answers_a_bare_request_with_the_trials_system_turn(study_home, serve_python,
                                                                                  tmp_path):
     out = study_home / "front"
-    run_cli(study_home, "export", "--out", str(out), "--study", "real")
+    run_cli(study_home, "export", "--out", str(out), "--study", "real", timeout_s=2400)
     row = json.loads((out / "pareto.json").read_text())[0]
     folder = out / f"trial-{row['trial']:04d}"
     engine = yaml.safe_load((folder / "vllm_config.yaml").read_text())

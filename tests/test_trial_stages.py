@@ -7,6 +7,7 @@ import pytest
 
 from search import energy
 from search.config import build
+from search import trial
 from search.trial import Stages, TrialRecord, reference_j_per_request
 from search.workload import RequestResult
 
@@ -62,3 +63,21 @@ def test_the_baselines_window_gives_the_reference_j_per_request_when_it_compares
     assert reference_j_per_request(runtime, results(4), reading("nvml", 10.0)) is None  # another meter
     steady = SimpleNamespace(energy_source="estimate", reference=build({"workload.objective_window": "steady"}))
     assert reference_j_per_request(steady, results(4), reading("estimate", 10.0)) is None  # no steady state
+
+
+def test_a_repeat_window_is_read_as_the_objective_is_and_from_the_studys_meter(monkeypatch):
+    """workload.energy_repeats: each extra window gives its objective J/request per request served;
+    a failed request beyond the tolerance, or another meter, fails the trial as in the first window."""
+    served = results(4)
+    monkeypatch.setattr(trial.workload, "run", lambda url, model, prompts, settings: served)
+    server = SimpleNamespace(base_url="http://unused", served_name="m", metrics=lambda: {})
+    runtime = SimpleNamespace(energy_source="estimate")
+    meter = SimpleNamespace(start=lambda: None, stop=lambda: reading("estimate", 8.0))
+    config = build({"workload.energy_repeats": 2})
+    assert trial.measure_repeat(runtime, server, meter, [], config) == 2.0
+    served[0] = RequestResult("t/0", "t", "", 5, 0, 0.5, None, error="timeout")
+    with pytest.raises(trial.Infeasible, match="1 of 4 requests failed"):
+        trial.measure_repeat(runtime, server, meter, [], config)
+    other = SimpleNamespace(start=lambda: None, stop=lambda: reading("nvml", 8.0))
+    with pytest.raises(RuntimeError, match="the two do not compare"):
+        trial.measure_repeat(runtime, server, other, [], config)
