@@ -36,7 +36,7 @@ class Window:
 
 def steady_window(spans: list[tuple[float, float]], max_num_seqs: int) -> Window | None:
     """From (first token, finish) spans of the served requests: from the moment the batch first
-    fills until it first falls below full after the last request has started (the drain).
+    fills until the last moment it is full (the drain begins there: no later start refills it).
 
     "Full" is the batch the server sustains while requests are still being admitted: the largest
     count that runs for at least half of that admission period (first to last first token), at most
@@ -51,15 +51,18 @@ def steady_window(spans: list[tuple[float, float]], max_num_seqs: int) -> Window
     counts: dict[float, int] = {}
     for t, step in events:
         counts[t] = counts.get(t, 0) + step
-    running, start = 0, None
+    # The last fall below full, not the first after the last start: a batch that its KV cache keeps
+    # below max_num_seqs shrinks and refills by preemption, and can be below full when the last
+    # request starts (bf16 under a 22 GiB budget on the H200: 219 running then, full 273).
+    running, start, end = 0, None, None
     for t in sorted(counts):
         before = running
         running += counts[t]
         if start is None and before < level <= running:
             start = t
-        if start is not None and t >= last_start and before >= level > running:
-            return Window(start, t, level) if t > start else None
-    return None
+        if start is not None and before >= level > running:
+            end = t
+    return Window(start, end, level) if start is not None and end is not None and end > start else None
 
 
 def _sustained_level(events: list[tuple[float, int]], begin: float, end: float) -> int:
@@ -148,8 +151,9 @@ def read_objective_window(metrics: dict[str, float], settings: WorkloadConfig) -
         return
     steady_s = metrics.get("steady_window_s") or 0.0
     if not steady_s:
-        raise WindowUnreadable("the workload had no steady state to measure (workload.objective_window: steady "
-                               "needs more requests than max_num_seqs, or all at once)")
+        raise WindowUnreadable("the workload had no steady state to measure: its batch never filled and then "
+                               "drained (workload.objective_window: steady needs more requests than the server "
+                               "runs at once)")
     if steady_s < settings.min_steady_s:
         raise WindowUnreadable(f"the steady state lasted {steady_s:.1f} s, under workload.min_steady_s "
                                f"{settings.min_steady_s:g} s: too short to read; more requests or longer answers "

@@ -15,6 +15,13 @@ def test_all_at_once_above_capacity_is_steady_from_full_batch_to_drain():
     assert window == Window(1, 7, 2)
 
 
+def test_a_batch_below_full_when_the_last_request_starts_is_steady_until_it_was_last_full():
+    # A KV cache that holds 4 of max_num_seqs 8: groups of 4 run 0-4 and 4-8; the last 3 start at
+    # 8.5, after the batch emptied. Full (4) last held until t=8: the drain began there.
+    spans = [(0, 4)] * 4 + [(4, 8)] * 4 + [(8.5, 11)] * 3
+    assert steady_window(spans, max_num_seqs=8) == Window(0, 8, 4)
+
+
 def test_closed_loop_below_capacity_uses_its_own_peak():
     spans = [(0, 4), (1, 5), (2, 6), (4, 8), (5, 9)]  # never more than 3 at once
     window = steady_window(spans, max_num_seqs=64)
