@@ -325,9 +325,7 @@ def _finite(value: Any) -> bool:
 
 def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: dict,
         tracker: Tracker, options: RunOptions, progress: Progress) -> dict[str, int]:
-    if options.warm_start != "none":
-        warm_start(study, space, options.presets)
-    retry_interrupted(study)
+    queue_first_trials(study, space, options)
     objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
                           len(study.directions) > 1, options.trial_timeout_s)
     # What the baseline spent and measured, for the search's bill (the same on every run and worker).
@@ -343,6 +341,15 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
     return counts(study)
 
 
+def queue_first_trials(study: optuna.Study, space: space_mod.Space, options: RunOptions) -> None:
+    """The presets and the retries of interrupted trials, under the lock the workers ask under: workers
+    that start together would each read "not enqueued yet" and enqueue them once apiece."""
+    with ask_lock(options.storage_url, study.study_name):
+        if options.warm_start != "none":
+            warm_start(study, space, options.presets)
+        retry_interrupted(study)
+
+
 def optimize_until(study: optuna.Study, objective, options: RunOptions) -> None:
     """Run trials until the study holds `options.trials` finished ones, counted over all its
     workers, or until `options.timeout_s`. Workers count and ask under one lock, and count the
@@ -350,7 +357,7 @@ def optimize_until(study: optuna.Study, objective, options: RunOptions) -> None:
     waits on the others' last trials (one may fail and need running again)."""
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     while deadline is None or time.monotonic() < deadline:
-        with interrupts.deferred(), _ask_lock(options.storage_url, study.study_name) as release:
+        with interrupts.deferred(), ask_lock(options.storage_url, study.study_name) as release:
             slot = _free_slot(study, options.trials)
             if slot:
                 def asked(trial: optuna.Trial) -> Any:
@@ -386,7 +393,7 @@ def _advisory_lock(url: sqlalchemy.engine.URL, key: str) -> sqlalchemy.engine.Co
 
 
 @contextlib.contextmanager
-def _ask_lock(storage_url: str, study_name: str):
+def ask_lock(storage_url: str, study_name: str):
     """Workers count a study's trials and ask for the next one under this lock, so that exactly
     --trials finish: a file lock beside an SQLite database, an advisory lock on PostgreSQL, none
     elsewhere (in-memory). Yields `release`, for the lock is let go once the trial is asked for."""

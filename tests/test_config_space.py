@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -326,3 +327,19 @@ def test_a_pinned_value_holds_for_the_reference_too():
     space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml")
     assert space.reference_config().workload.max_tokens == 256
     assert space.pinned({"workload.max_tokens": 128}).reference_config().workload.max_tokens == 128
+
+
+def test_workers_starting_together_enqueue_the_presets_once(tmp_path):
+    presets = {"a": {"serve.max_num_seqs": 64}, "b": {"serve.max_num_seqs": 512}}
+    space = space_mod.load(PROJECT / "bench" / "gpu" / "space-steady.yaml")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    options = study_mod.RunOptions(4, None, "presets.yaml", presets, None, storage_url=url)
+    with study_mod.ask_lock(url, "s"):  # a worker counting and asking: the others wait for the lock
+        worker = threading.Thread(target=study_mod.queue_first_trials, args=(study, space, options))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not study.get_trials()
+    worker.join()
+    study_mod.queue_first_trials(study, space, options)  # the next worker finds them queued
+    assert [t.user_attrs["preset"] for t in study.get_trials()] == ["a", "b"]

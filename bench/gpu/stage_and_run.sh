@@ -11,6 +11,7 @@
 #   bash bench/gpu/stage_and_run.sh product [TRIALS [search run options]]
 #       After every part is staged: `python -m search run` itself on the twin (GPU space, fidelity
 #       quality), the orchestrator from /tmp/site-orch + /tmp/site-vllm, each environment through a wrapper script.
+#       On a machine of several GPUs, `run` on GPU 0 and a `search worker` on each other GPU, one study.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
 #
@@ -48,6 +49,7 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
   for f in results.md results.jsonl env.json driver.log compress.log product.log; do
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
   done
+  ls "$OUTDIR"/product-gpu*.log > /dev/null 2>&1 && tail -n +1 "$OUTDIR"/product-gpu*.log > "$OUT/product-workers.log"
   [ -f "$S/stage.log" ] && cp "$S/stage.log" "$OUT/"
   if [ -f /tmp/product/optuna.db ]; then  # the product's study: its status, export and stores
     local orch="PYTHONPATH=/tmp/site-orch:/tmp/site-vllm:$CODE"
@@ -159,15 +161,24 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed
   # and the request-level length knobs pinned (on a twin they only cut tokens); a later --set wins.
   # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
+  # One process per GPU, each bound to its GPU (its NVML meter reads that GPU only): `run` on GPU 0,
+  # `worker` on the others, all on the one SQLite study (they count and ask under its lock file).
+  local gpus; gpus=$(nvidia-smi -L | wc -l)
   cd "$CODE" || return 1
-  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
-    python3 -m search run --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
-    --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
-    --set workload.quality=fidelity --set workload.ignore_eos=true --set workload.max_tokens=256 \
-    --set workload.verbosity=model --set workload.thinking=false "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &
-  echo $! > "$S/driver.pid"
+  local i verb log
+  for ((i = 0; i < gpus; i++)); do
+    verb=worker; log="$OUTDIR/product-gpu$i.log"
+    [ "$i" = 0 ] && { verb=run; log="$OUTDIR/product.log"; }
+    setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
+      CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$i" \
+      python3 -m search "$verb" --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
+      --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
+      --set workload.quality=fidelity --set workload.ignore_eos=true --set workload.max_tokens=256 \
+      --set workload.verbosity=model --set workload.thinking=false "$@" > "$log" 2>&1 < /dev/null &
+    [ "$i" = 0 ] && echo $! > "$S/driver.pid"
+  done
   cd "$OLDPWD" || return 1
-  echo "product run started (pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
+  echo "product run started on $gpus GPU(s) (run pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
 }
 
 twin() {  # the twin's build in the background (compression env), while the other parts arrive
