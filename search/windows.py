@@ -92,22 +92,25 @@ def tokens_within(token_times: list[list[float]], window: Window) -> int:
     return sum(1 for times in token_times for t in times if window.start <= t <= window.end)
 
 
+def trace_joules(trace: list[tuple[float, float]], a: float, b: float) -> float:
+    """The integral of a (seconds, watts) power trace from a to b: trapezoids, clipped to [a, b]."""
+    total = 0.0
+    for (t0, w0), (t1, w1) in zip(trace, trace[1:]):
+        lo, hi = max(t0, a), min(t1, b)
+        if hi <= lo:
+            continue
+        slope = (w1 - w0) / (t1 - t0) if t1 > t0 else 0.0
+        total += (hi - lo) * (w0 + slope * ((lo + hi) / 2 - t0))
+    return total
+
+
 def share_of_energy(trace: list[tuple[float, float]], trace_start: float, window: Window) -> float:
     """The part of a reading's energy that fell in the window: the power trace's integral over the
     window over its integral over the whole reading (the counter gives the joules, the trace when)."""
-    def integral(a: float, b: float) -> float:
-        total = 0.0
-        for (t0, w0), (t1, w1) in zip(trace, trace[1:]):
-            lo, hi = max(t0, a), min(t1, b)
-            if hi <= lo:
-                continue
-            slope = (w1 - w0) / (t1 - t0) if t1 > t0 else 0.0
-            total += (hi - lo) * (w0 + slope * ((lo + hi) / 2 - t0))
-        return total
-    whole = integral(trace[0][0], trace[-1][0]) if len(trace) > 1 else 0.0
+    whole = trace_joules(trace, trace[0][0], trace[-1][0]) if len(trace) > 1 else 0.0
     if whole <= 0:
         return math.nan
-    return integral(window.start - trace_start, window.end - trace_start) / whole
+    return trace_joules(trace, window.start - trace_start, window.end - trace_start) / whole
 
 
 def inter_token_gaps(token_times: list[list[float]]) -> list[float]:

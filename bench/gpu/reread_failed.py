@@ -21,18 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import yaml  # noqa: E402
 
-from search.windows import steady_window  # noqa: E402
-
-
-def integral(trace: list[tuple[float, float]], a: float, b: float) -> float:
-    """Joules of a (seconds, watts) trace between a and b, trapezoids clipped to [a, b]."""
-    total = 0.0
-    for (t0, w0), (t1, w1) in zip(trace, trace[1:]):
-        lo, hi = max(t0, a), min(t1, b)
-        if hi > lo:
-            slope = (w1 - w0) / (t1 - t0) if t1 > t0 else 0.0
-            total += (hi - lo) * (w0 + slope * ((lo + hi) / 2 - t0))
-    return total
+from search.windows import steady_window, trace_joules  # noqa: E402
 
 
 def reread(trial: Path) -> dict:
@@ -51,13 +40,13 @@ def reread(trial: Path) -> dict:
     # (answers.jsonl keeps no token times).
     tokens = sum(r["completion_tokens"] * max(0.0, min(e, window.end) - max(s, window.start)) / (e - s)
                  for r, (s, e) in zip(served, spans) if e > s)
-    joules = integral(trace, window.start - trace_start, window.end - trace_start)
+    joules = trace_joules(trace, window.start - trace_start, window.end - trace_start)
     whole_tokens = sum(r["completion_tokens"] for r in served)
     return {**out, "steady_window_s": window.duration_s, "steady_batch": window.level,
             "steady_tokens": tokens, "steady_trace_j": joules, "steady_j_per_output_token": joules / tokens,
             "steady_tokens_per_s": tokens / window.duration_s,
-            "whole_trace_j": integral(trace, 0.0, trace[-1][0]),
-            "whole_j_per_output_token": integral(trace, 0.0, trace[-1][0]) / whole_tokens}
+            "whole_trace_j": trace_joules(trace, 0.0, trace[-1][0]),
+            "whole_j_per_output_token": trace_joules(trace, 0.0, trace[-1][0]) / whole_tokens}
 
 
 def main() -> None:
