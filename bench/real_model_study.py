@@ -47,6 +47,39 @@ SHOWN = ("compress.scheme", "compress.method", "compress.group_size", "compress.
          "serve.max_num_seqs", "workload.verbosity", "workload.max_tokens")
 
 
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def request_settings(rows: list[dict]) -> list[dict]:
+    """What verbosity and max_tokens do on their own: the uncompressed trials, by the two settings
+    (KV-cache dtype and max_num_seqs vary within a group)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["compress.scheme"] == "none":
+            groups.setdefault((r["workload.verbosity"], r["workload.max_tokens"]), []).append(r)
+    return [{"workload.verbosity": v, "workload.max_tokens": n, "trials": len(g),
+             "tokens_per_answer": _mean([r["tokens_per_answer"] for r in g]),
+             "recovery_mean": _mean([r["recovery_mean"] for r in g]),
+             "top1_agreement": _mean([r["top1_agreement"] for r in g]),
+             "energy_j_per_request": _mean([r["energy_j_per_request"] for r in g])}
+            for (v, n), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+
+
+def by_scheme(rows: list[dict]) -> list[dict]:
+    """Pass and fail counts and mean recovery by compression scheme (and W4A16's method)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        name = r["compress.scheme"] + (f" {r['compress.method']}" if r["compress.scheme"] == "w4a16" else "")
+        groups.setdefault(name, []).append(r)
+    return [{"scheme": name, "trials": len(g), "passed": sum(r["feasible"] for r in g),
+             "recovery_mean": _mean([r["recovery_mean"] for r in g]),
+             "top1_agreement": _mean([r["top1_agreement"] for r in g]),
+             "energy_j_per_request": _mean([r["energy_j_per_request"] for r in g])}
+            for name, g in sorted(groups.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, required=True)
@@ -67,6 +100,13 @@ def main() -> None:
                      "tokens_per_answer": m.get("tokens_per_answer"),
                      "trial_s": t.duration.total_seconds() if t.duration else None,
                      **{k: c.get(k) for k in SHOWN}})
+    for t, row in zip(trials, rows):
+        row["energy_source"] = t.user_attrs.get("energy_source")
+        # Which task kept a failing trial under the gate: the lowest per-task recovery.
+        per_task = {k[len("recovery_"):]: v for k, v in t.user_attrs.get("metrics", {}).items()
+                    if k.startswith("recovery_text_") and not k.endswith(("_low", "_high"))}
+        row["weakest_task"] = min(per_task, key=per_task.get) if per_task else None
+        row["weakest_recovery"] = min(per_task.values()) if per_task else None
     others = [t for t in study.get_trials(deepcopy=False) if t.number not in {r["trial"] for r in rows}]
     scored = [r for r in rows if r["top1_agreement"] is not None]
     label = [r["recovery_mean"] for r in scored]
@@ -79,13 +119,16 @@ def main() -> None:
         "not_measured": dict(Counter(t.user_attrs.get("reason", t.state.name).split(":")[0] for t in others)),
         "spearman": {"recovery_vs_top1_agreement": spearman(label, [r["top1_agreement"] for r in scored]),
                      "recovery_vs_topk_kl": spearman(label, [r["topk_kl"] for r in scored]), "n": len(scored)},
+        "request_settings": request_settings(rows),
+        "by_scheme": by_scheme(rows),
         "front": [{"trial": p.trial, "feasible": p.feasible, "energy_j_per_request": p.energy,
                    "recovery_mean": p.recovery} for p in front],
         "trials": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(json.dumps({k: out[k] for k in ("counts", "passed", "failed_gate", "spearman")}, indent=2))
+    print(json.dumps({k: out[k] for k in ("counts", "passed", "failed_gate", "spearman", "request_settings",
+                                          "by_scheme")}, indent=2))
 
 
 if __name__ == "__main__":
