@@ -74,10 +74,27 @@ def by_scheme(rows: list[dict]) -> list[dict]:
         name = r["compress.scheme"] + (f" {r['compress.method']}" if r["compress.scheme"] == "w4a16" else "")
         groups.setdefault(name, []).append(r)
     return [{"scheme": name, "trials": len(g), "passed": sum(r["feasible"] for r in g),
+             "trial_s_total": sum(r["trial_s"] or 0.0 for r in g),
+             "workload_s_range": [min(r["workload_s"] or 0.0 for r in g), max(r["workload_s"] or 0.0 for r in g)],
              "recovery_mean": _mean([r["recovery_mean"] for r in g]),
              "top1_agreement": _mean([r["top1_agreement"] for r in g]),
+             "topk_kl": _mean([r["topk_kl"] for r in g]),
              "energy_j_per_request": _mean([r["energy_j_per_request"] for r in g])}
             for name, g in sorted(groups.items())]
+
+
+def by_verbosity(rows: list[dict]) -> list[dict]:
+    """The rank correlations and the schemes' mean signals under each system turn: top-1 agreement
+    teacher-forces the trial's own prompt, so another system turn lowers it without any compression."""
+    out = []
+    for verbosity in sorted({r["workload.verbosity"] for r in rows}):
+        group = [r for r in rows if r["workload.verbosity"] == verbosity]
+        label = [r["recovery_mean"] for r in group]
+        out.append({"workload.verbosity": verbosity, "n": len(group),
+                    "recovery_vs_top1_agreement": spearman(label, [r["top1_agreement"] for r in group]),
+                    "recovery_vs_topk_kl": spearman(label, [r["topk_kl"] for r in group]),
+                    "by_scheme": by_scheme(group)})
+    return out
 
 
 def main() -> None:
@@ -99,6 +116,7 @@ def main() -> None:
                      "top1_agreement": m.get("top1_agreement"), "topk_kl": m.get("topk_kl"),
                      "tokens_per_answer": m.get("tokens_per_answer"),
                      "trial_s": t.duration.total_seconds() if t.duration else None,
+                     "workload_s": m.get("time_workload_s"), "screen_s": m.get("time_screen_s"),
                      **{k: c.get(k) for k in SHOWN}})
     for t, row in zip(trials, rows):
         row["energy_source"] = t.user_attrs.get("energy_source")
@@ -121,6 +139,7 @@ def main() -> None:
                      "recovery_vs_topk_kl": spearman(label, [r["topk_kl"] for r in scored]), "n": len(scored)},
         "request_settings": request_settings(rows),
         "by_scheme": by_scheme(rows),
+        "by_verbosity": by_verbosity(scored),
         "front": [{"trial": p.trial, "feasible": p.feasible, "energy_j_per_request": p.energy,
                    "recovery_mean": p.recovery} for p in front],
         "trials": rows,
