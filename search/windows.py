@@ -62,7 +62,7 @@ def steady_window(spans: list[tuple[float, float]], max_num_seqs: int) -> Window
             start = t
         if start is not None and before >= level > running:
             end = t
-    return Window(start, end, level) if start is not None and end is not None and end > start else None
+    return Window(start, end, level) if end is not None and end > start else None  # end is set only after start
 
 
 def _sustained_level(events: list[tuple[float, int]], begin: float, end: float) -> int:

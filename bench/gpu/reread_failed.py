@@ -41,12 +41,12 @@ def reread(trial: Path) -> dict:
     tokens = sum(r["completion_tokens"] * max(0.0, min(e, window.end) - max(s, window.start)) / (e - s)
                  for r, (s, e) in zip(served, spans) if e > s)
     joules = trace_joules(trace, window.start - trace_start, window.end - trace_start)
+    whole_joules = trace_joules(trace, 0.0, trace[-1][0])
     whole_tokens = sum(r["completion_tokens"] for r in served)
     return {**out, "steady_window_s": window.duration_s, "steady_batch": window.level,
             "steady_tokens": tokens, "steady_trace_j": joules, "steady_j_per_output_token": joules / tokens,
             "steady_tokens_per_s": tokens / window.duration_s,
-            "whole_trace_j": trace_joules(trace, 0.0, trace[-1][0]),
-            "whole_j_per_output_token": trace_joules(trace, 0.0, trace[-1][0]) / whole_tokens}
+            "whole_trace_j": whole_joules, "whole_j_per_output_token": whole_joules / whole_tokens}
 
 
 def main() -> None:
