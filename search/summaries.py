@@ -7,6 +7,8 @@ another for it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -14,6 +16,10 @@ from search.bill import Bill, TrialCost, make_bill
 
 # The constraint an infeasible trial violates: it cannot run on this hardware and vLLM build.
 RUNS_HERE = "runs_here"
+# The user attribute of a trial answered from an earlier measurement of its configuration (search/dedupe.py).
+DUPLICATE_OF = "duplicate_of"
+# The study's user attribute that says why it stopped before --trials (search/stopping.py).
+EARLY_STOP = "early_stop"
 
 
 def is_infeasible(trial: FrozenTrial) -> bool:
@@ -21,9 +27,15 @@ def is_infeasible(trial: FrozenTrial) -> bool:
     return bool(trial.user_attrs.get("infeasible"))
 
 
+def is_duplicate(trial: FrozenTrial) -> bool:
+    """Answered from an earlier trial's measurement of the same configuration: nothing was served."""
+    return DUPLICATE_OF in trial.user_attrs
+
+
 def measured(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials that ran: their values are measurements."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_infeasible(t)]
+    """Complete trials that ran: their values are measurements (a duplicate's are another trial's)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not is_infeasible(t) and not is_duplicate(t)]
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
@@ -51,17 +63,22 @@ def best_feasible(study: optuna.Study) -> FrozenTrial | None:
     return min((t for t in measured(study) if t.user_attrs.get("feasible")), key=lambda t: t.values[0], default=None)
 
 
-def finished(study: optuna.Study) -> int:
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Trials that count towards --trials: complete, pruned, and failed ones that are not retried."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
-    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and t.number not in retried))
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and t.number not in retried)]
+
+
+def finished(study: optuna.Study) -> int:
+    """How many trials count towards --trials (finished_trials)."""
+    return len(finished_trials(study))
 
 
 def trial_cost(trial: FrozenTrial) -> TrialCost:
     """What a finished trial spent (its stage metrics) and, when it ran to the end, what it measured."""
-    ran = trial.state == TrialState.COMPLETE and not is_infeasible(trial)
+    ran = trial.state == TrialState.COMPLETE and not is_infeasible(trial) and not is_duplicate(trial)
     spent = trial.user_attrs.get("metrics") or trial.user_attrs.get("stage_times") or {}
     return TrialCost(trial.number, spent, trial.user_attrs.get("config"), trial.values[0] if ran else None)
 
@@ -70,5 +87,7 @@ def study_bill(study: optuna.Study) -> Bill:
     """The search's bill: every finished trial, whatever its state, and the baseline (search/bill.py)."""
     costs = [trial_cost(t) for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     best = best_feasible(study)
-    return make_bill(costs, study.user_attrs.get("baseline", {}), None if best is None else trial_cost(best),
+    made = make_bill(costs, study.user_attrs.get("baseline", {}), None if best is None else trial_cost(best),
                      study.user_attrs.get("definition", {}).get("energy_source"))
+    stop = study.user_attrs.get(EARLY_STOP)
+    return replace(made, stopped=stop["reason"]) if stop else made
