@@ -119,6 +119,11 @@ class Gate:
     use: Literal["point", "lower"] = "point"
     per_task_min: float | None = None
 
+    @property
+    def can_prune(self) -> bool:
+        """Whether a partial score can ever show a trial below this gate (recovery is never negative)."""
+        return self.threshold > 0
+
     def __post_init__(self) -> None:
         if self.use not in ("point", "lower"):
             raise ValueError(f"Gate.use must be 'point' or 'lower', got {self.use!r}")

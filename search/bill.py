@@ -7,8 +7,8 @@ recorded the same way. The break-even point is
 
     search joules / (reference J/request - best feasible J/request)
 
-requests of the measured workload: the reference's J/request comes from the baseline's measured
-window, or else from a completed trial that ran the reference configuration.
+requests of the measured workload: the reference's J/request is that of the trials that ran the
+reference configuration (the study's first trial is one), priced as every trial is.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Bill:
     best_j_per_request: float | None
     break_even_requests: int | None  # None: never, or unknown (`break_even` says which)
     break_even: str
+    stopped: str | None = None  # why the study stopped before --trials (search/stopping.py); None: it did not
 
 
 def stage_of(metric: str) -> tuple[str, str] | None:
@@ -101,17 +102,18 @@ def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def reference_energy(baseline: Mapping[str, Any], trials: Sequence[TrialCost]) -> tuple[float | None, str]:
-    """The reference's J/request and where it comes from: the baseline's measured window, else the
-    first completed trial that ran the reference configuration."""
-    if baseline.get("energy_j_per_request") is not None:
-        return baseline["energy_j_per_request"], "the baseline's measured window"
+    """The reference's J/request and where it comes from: the completed trials that ran the reference
+    configuration (the study's first trial is one), their mean when the study measured it again. The
+    reference is priced exactly as the configurations it is compared with: same stages, same window."""
     reference = baseline.get("reference")
-    ran_it = [t for t in trials if reference is not None and t.j_per_request is not None
-              and t.config is not None and _same_config(t.config, reference)]
-    if ran_it:
-        first = min(ran_it, key=lambda t: t.number)
-        return first.j_per_request, f"trial {first.number}, which ran the reference configuration"
-    return None, "none: the baseline measured no window and no completed trial ran the reference configuration"
+    ran_it = sorted((t for t in trials if reference is not None and t.j_per_request is not None
+                     and t.config is not None and _same_config(t.config, reference)), key=lambda t: t.number)
+    if not ran_it:
+        return None, "none: no completed trial ran the reference configuration yet"
+    mean = sum(t.j_per_request for t in ran_it) / len(ran_it)
+    numbers = ", ".join(str(t.number) for t in ran_it)
+    return mean, (f"trial {numbers}, which ran the reference configuration" if len(ran_it) == 1
+                  else f"the mean of trials {numbers}, which ran the reference configuration")
 
 
 def make_bill(trials: Sequence[TrialCost], baseline: Mapping[str, Any], best: TrialCost | None,
@@ -158,6 +160,8 @@ def describe(bill: Bill) -> list[str]:
             else "none yet")
     lines.append(f"  reference {reference} ({bill.reference_from}); best feasible {best}")
     lines.append(f"  break-even: {bill.break_even}")
+    if bill.stopped:
+        lines.append(f"  stopped early: {bill.stopped}")
     return lines
 
 
@@ -169,7 +173,8 @@ def as_dict(bill: Bill) -> dict[str, Any]:
             "total": spend(bill.total), "unmetered_trials": bill.unmetered_trials,
             "reference_j_per_request": bill.reference_j_per_request, "reference_from": bill.reference_from,
             "best_trial": bill.best_trial, "best_j_per_request": bill.best_j_per_request,
-            "break_even_requests": bill.break_even_requests, "break_even": bill.break_even}
+            "break_even_requests": bill.break_even_requests, "break_even": bill.break_even,
+            "stopped_early": bill.stopped}
 
 
 def mlflow_fields(bill: Bill) -> tuple[dict[str, float], dict[str, str]]:
@@ -183,4 +188,6 @@ def mlflow_fields(bill: Bill) -> tuple[dict[str, float], dict[str, str]]:
     metrics.update({k: float(v) for k, v in optional.items() if v is not None})
     tags = {"bill_energy_source": bill.energy_source or "unknown", "bill_reference": bill.reference_from,
             "bill_break_even": bill.break_even, "bill_unmetered_trials": str(bill.unmetered_trials)}
+    if bill.stopped:
+        tags["bill_stopped_early"] = bill.stopped
     return metrics, tags

@@ -39,7 +39,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _run_options(run: argparse.ArgumentParser) -> None:
     _common(run)
-    run.add_argument("--trials", type=int, default=50, help="finished trials the study should hold (default: 50)")
+    run.add_argument("--trials", type=int, default=50,
+                     help="the most finished trials the study holds (default: 50); it stops sooner when more "
+                          "trials are unlikely to beat its best feasible one (--stop-after-flat)")
     run.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     run.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="space YAML (default: spaces/default.yaml)")
     run.add_argument("--model", default=None,
@@ -51,8 +53,9 @@ def _run_options(run: argparse.ArgumentParser) -> None:
                           "(energy, recovery) front")
     run.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
     run.add_argument("--warm-start", default="none", metavar="none|seeds|PRESETS.yaml",
-                     help="seeds: enqueue the five seed configurations and the bf16 reference first; a YAML "
-                          "of named configurations (spaces/presets/seeds.yaml's format): enqueue those")
+                     help="seeds: enqueue the five seed configurations first; a YAML of named "
+                          "configurations (spaces/presets/seeds.yaml's format): enqueue those. Either way the "
+                          "reference configuration is the study's first trial: its price is measured as a trial's")
     run.add_argument("--gate", type=float, default=0.8, help="minimum mean recovery (default: 0.8)")
     run.add_argument("--gate-use", choices=["point", "lower"], default="point",
                      help="gate on the point estimate or the bootstrap lower bound (default: point)")
@@ -79,6 +82,24 @@ def _run_options(run: argparse.ArgumentParser) -> None:
                           "with, e.g. 'NVIDIA L4' (search/gpus.yaml); default: none, no ratio")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow checkpoints to run their own code (off by default)")
+    run.add_argument("--stop-after-flat", type=int, default=15, metavar="N",
+                     help="stop the study once N finished trials in a row (whatever their state) have not lowered "
+                          "the best feasible J/request by at least --stop-min-gain, counted from the last trial "
+                          "that did (nsga2/motpe: the front's least feasible J/request); judged only once the "
+                          "study holds 2N finished trials and a feasible one, after the trials it queued (presets, "
+                          "retries). The reason is printed and kept in the bill (search status). --trials stays "
+                          "the upper bound (default: 15)")
+    run.add_argument("--stop-min-gain", type=float, default=1.0, metavar="PERCENT",
+                     help="the smallest drop of the best feasible J/request, in percent of it, that counts as "
+                          "progress for --stop-after-flat; smaller drops are taken as measurement noise "
+                          "(default: 1.0)")
+    run.add_argument("--no-early-stop", action="store_true",
+                     help="never stop before --trials (or --timeout): no --stop-after-flat rule")
+    run.add_argument("--repeat-measured", action="store_true",
+                     help="serve again a configuration a complete trial of the study already measured (the "
+                          "reference's included), e.g. to see its measurement noise. By default such a trial is "
+                          "answered from that measurement: the sampler gets the same values and constraints, the "
+                          "trial records duplicate_of=N, and nothing is compressed, served or billed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="create or resume a study and run trials",
-                         description="Create or resume a study and run trials until it holds --trials finished ones.")
+                         description="Create or resume a study and run trials until it holds --trials finished ones, "
+                                     "or until more trials are unlikely to beat its best feasible one "
+                                     "(--stop-after-flat).")
     _run_options(run)
     worker = sub.add_parser(
         "worker", help="one of many workers on a shared study (same options as run)",
@@ -200,9 +223,20 @@ def check_numbers(args) -> None:
             raise ValueError(f"{flag} must be above 0, got {value}")
     if args.heartbeat < 1:
         raise ValueError(f"--heartbeat is in seconds and must be at least 1, got {args.heartbeat}")
+    if args.stop_after_flat < 1:
+        raise ValueError(f"--stop-after-flat is a number of trials and must be at least 1, got {args.stop_after_flat} "
+                         "(--no-early-stop turns the rule off)")
+    if not 0.0 <= args.stop_min_gain < 100.0:
+        raise ValueError(f"--stop-min-gain is a percentage in [0, 100), got {args.stop_min_gain}")
     for flag, value in (("--gate", args.gate), ("--per-task-min", args.per_task_min)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} is a fraction of the reference's quality: {value} is not in [0, 1]")
+
+
+def stop_rule(args):
+    """The run's stop rule (search/stopping.py), None with --no-early-stop."""
+    from search.stopping import StopRule
+    return None if args.no_early_stop else StopRule(args.stop_after_flat, args.stop_min_gain / 100.0)
 
 
 def _existing(path: str, option: str) -> Path:
@@ -382,11 +416,13 @@ def cmd_run(args) -> int:
             tracker.log_study(
                 {f"definition.{key}": value for key, value in definition.items()},
                 {"space_file": str(args.space), "storage": storage_url, "seed": args.seed,
-                 "warm_start": args.warm_start, "device": platform.device, "gpu": platform.gpu_name or "none",
+                 "warm_start": args.warm_start, "job": runtime.reference.workload.describe_job(),
+                 "device": platform.device, "gpu": platform.gpu_name or "none",
                  "vllm": platform.vllm_version, "llmcompressor": platform.llmcompressor_version,
                  "mlflow": mlflow_version()})
             options = study_mod.RunOptions(args.trials, args.timeout, args.warm_start, presets, args.trial_timeout,
-                                           storage_url=storage_url)
+                                           storage_url=storage_url, stop_rule=stop_rule(args),
+                                           repeat_measured=args.repeat_measured)
             counts = study_mod.run(study, space, runtime, baseline, tracker, options, progress)
         finally:
             progress.close()
@@ -424,6 +460,10 @@ def cmd_status(args) -> int:
         return 0
     counts = summary["counts"]
     print(f"study {summary['study']}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"job: {summary['job'] or 'not recorded (a study from before jobs were named)'}")
+    if summary["duplicates"]:
+        print(f"{summary['duplicates']} of the complete trials proposed a configuration measured already: answered "
+              "from that measurement, not served again")
     best = summary["best_feasible"]
     if best is None:
         print("no feasible trial yet")
@@ -432,6 +472,9 @@ def cmd_status(args) -> int:
                     else "")
         print(f"best feasible: trial {best['trial']}  {best['objective']:.6g} J/request "
               f"({best['energy_source']})  recovery {best['recovery_mean']:.4f}{roofline}")
+        if best["is_reference"]:
+            from search.dedupe import REFERENCE_IS_BEST
+            print(f"  {REFERENCE_IS_BEST}")
         for key, value in sorted((best["config"] or {}).items()):
             print(f"  {key} = {value}")
     print("\n".join(bill.describe(search_bill)))

@@ -213,17 +213,35 @@ class WorkloadConfig(_Options):
     # seeded Poisson process of `rate_rps` requests a second.
     arrival: Literal["all_at_once", "concurrency", "rate"] = "concurrency"
     rate_rps: float = Field(1.0, gt=0)
-    # The window the objective is read from: the whole run, or its steady state (search/windows.py).
-    # Whole by default: a CPU toy's few requests have almost no steady state; the GPU spaces pick steady.
-    objective_window: Literal["whole", "steady"] = "whole"
+    # The job the objective prices. "fixed": n_requests sent as `arrival` says (an evaluation, a batch
+    # job), priced over the whole run, ramp-up and drain included: what the job pays. "sustained": a
+    # server that never drains, priced per request over the steady state at the named load (a closed
+    # loop of `concurrency`, or `rate_rps`); the ramp and the drain are left out (search/windows.py).
+    job: Literal["fixed", "sustained"] = "fixed"
     # A steady window shorter than this is too short to read (NVML updates at ~10 Hz; Zeus settles
-    # on >= 5 s): with the objective on the steady window, such a trial fails saying so.
+    # on >= 5 s): a sustained-service trial whose steady state is shorter fails saying so.
     min_steady_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _sustained_needs_a_load(self) -> WorkloadConfig:
+        if self.job == "sustained" and self.arrival == "all_at_once":
+            raise CombinationError("workload.job sustained prices a load a server sustains: give it one with "
+                                   "workload.arrival concurrency or rate (all_at_once is a fixed job)")
+        return self
 
     @property
     def max_in_flight(self) -> int:
         """The most requests the workload has open at once."""
         return self.concurrency if self.arrival == "concurrency" else self.n_requests
+
+    def describe_job(self) -> str:
+        """The job the objective prices, in words (search status, the export, MLflow)."""
+        sent = {"all_at_once": "all at once", "concurrency": f"{self.concurrency} at a time",
+                "rate": f"at {self.rate_rps:g} requests/s (Poisson)"}[self.arrival]
+        if self.job == "fixed":
+            return f"fixed job: {self.n_requests} requests sent {sent}, priced over the whole run"
+        load = f"{self.concurrency} requests in flight" if self.arrival == "concurrency" else sent.removeprefix("at ")
+        return f"sustained service at {load}, priced per request over the steady state"
 
 
 class TrialConfig(_Options):

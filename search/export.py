@@ -80,6 +80,7 @@ def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
         t = trials[point.trial]
         row = {"rank": rank, "trial": t.number, "feasible": point.feasible, "energy_j_per_request": point.energy,
                "recovery_mean": point.recovery, "energy_source": t.user_attrs.get("energy_source"),
+               "job": study.user_attrs.get("job"),
                **{f"param.{k}": v for k, v in t.user_attrs.get("config", {}).items()},
                **{f"metric.{k}": v for k, v in t.user_attrs.get("metrics", {}).items()}}
         rows.append(row)
@@ -96,7 +97,8 @@ def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
             (folder / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
         (folder / "README.md").write_text(
             f"# Trial {t.number} ({'feasible' if point.feasible else 'infeasible'})\n\n"
-            f"energy {point.energy:.6g} J/request ({row['energy_source']}), mean recovery {point.recovery:.4f}\n\n"
+            f"energy {point.energy:.6g} J/request ({row['energy_source']}; the {row['job']}), "
+            f"mean recovery {point.recovery:.4f}\n\n"
             "Rebuild the checkpoint (recipe.yaml holds the exact llmcompressor recipe):\n\n"
             f"    {_rebuild_command(t, study)}\n\n"
             "Serve it as the trial did (its system turn, thinking, max_tokens and sampling are the server's "

@@ -30,8 +30,10 @@ from optuna.trial import TrialState
 
 from search import bill
 from search import config as cfg
+from search import dedupe
 from search import interrupts
 from search import space as space_mod
+from search import stopping
 from search import trial as trial_mod
 from search.progress import Progress
 from search.redaction import redact
@@ -39,6 +41,8 @@ from search.summaries import RUNS_HERE, best_feasible, counts, finished, study_b
 from search.track import Tracker, TrackingFailed
 
 OBJECTIVE = "energy_j_per_request"
+# The name of the reference configuration's trial, every study's first.
+REFERENCE_PRESET = "reference"
 SAMPLERS = ("tpe", "nsga2", "motpe", "gp", "random")
 MULTI_OBJECTIVE = ("nsga2", "motpe")
 
@@ -162,6 +166,8 @@ class RunOptions:
     trial_timeout_s: float | None = None
     storage_url: str = ""  # where the workers of the study count its trials under one lock
     poll_s: float = 5.0  # how often a worker waiting on the others' last trials looks again
+    stop_rule: stopping.StopRule | None = None  # stop before `trials` once more are unlikely to help; None: never
+    repeat_measured: bool = False  # serve a configuration a complete trial already measured (else answer from it)
 
 
 def warm_start(study: optuna.Study, space: space_mod.Space, presets: dict[str, dict[str, Any]]) -> int:
@@ -193,7 +199,7 @@ def retry_interrupted(study: optuna.Study) -> int:
 class Objective:
     def __init__(self, study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
                  baseline: dict, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
-                 multi_objective: bool, trial_timeout_s: float | None = None):
+                 multi_objective: bool, trial_timeout_s: float | None = None, repeat_measured: bool = False):
         self.study = study
         self.space = space
         self.runtime = runtime
@@ -203,6 +209,7 @@ class Objective:
         self.progress = progress
         self.multi_objective = multi_objective
         self.trial_timeout_s = trial_timeout_s
+        self.repeat_measured = repeat_measured
         self._expired = threading.Event()
 
     def _enforce_budget(self, trial_over: threading.Event) -> None:
@@ -240,10 +247,14 @@ class Objective:
                 config = self.space.sample(trial, preset)
                 record["params"] = config.flat()
                 trial.set_user_attr("config", record["params"])
+                if not self.repeat_measured:  # raises AlreadyMeasured: answered from that trial, nothing served
+                    dedupe.check_not_measured(self.study, record["params"], trial.number)
                 outcome = trial_mod.run(self.runtime, config, workdir, self.baseline, self.progress.stage,
                                         trial_record).outcome
         except space_mod.Infeasible as exc:
             return self._end(trial, record, "INFEASIBLE", f"infeasible: {exc}", started)
+        except dedupe.AlreadyMeasured as known:
+            return self._repeat(trial, record, known.earlier, started)
         except trial_mod.TrialPruned as exc:
             return self._end(trial, record, "PRUNED", f"pruned: {exc}", started)
         except Exception as exc:  # whatever broke, the trial is recorded with its reason and the study goes on
@@ -284,6 +295,28 @@ class Objective:
         if self.multi_objective:
             return outcome.objective, outcome.recovery
         return outcome.objective
+
+    def _repeat(self, trial: optuna.Trial, record: dict, earlier: optuna.trial.FrozenTrial, started: float):
+        """A configuration `earlier` measured is not served again: this trial tells Optuna the same
+        values and constraints (a sampler sees the point it proposed, at its measured value), and
+        records which trial it repeats. It spent nothing but the look-up: no stage, no bill."""
+        for name, value in earlier.constraints.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(dedupe.DUPLICATE_OF, earlier.number)
+        trial.set_user_attr("feasible", bool(earlier.user_attrs.get("feasible")))
+        if "energy_source" in earlier.user_attrs:
+            trial.set_user_attr("energy_source", earlier.user_attrs["energy_source"])
+        record["metrics"]["trial_s"] = time.perf_counter() - started
+        record["tags"].update({"state": "COMPLETE", dedupe.DUPLICATE_OF: str(earlier.number),
+                               "feasible": str(bool(earlier.user_attrs.get("feasible"))).lower(),
+                               "search.study": self.study.study_name})
+        try:
+            self.tracker.log_trial(record)
+        except TrackingFailed as exc:  # as a complete trial's: it fails, saying why
+            return self._end(trial, record, "FAIL", str(exc), started)
+        self.progress.trial_finished("duplicate", None, f"the configuration of trial {earlier.number}, measured "
+                                     "already: its values, not served again; --repeat-measured serves it")
+        return dedupe.answer(earlier, self.multi_objective)
 
     def _end(self, trial: optuna.Trial, record: dict, state: str, reason: str, started: float,
              raise_: bool = True, workdir: Path | None = None):
@@ -326,13 +359,16 @@ def _finite(value: Any) -> bool:
 def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: dict,
         tracker: Tracker, options: RunOptions, progress: Progress) -> dict[str, int]:
     queue_first_trials(study, space, options)
-    objective = Objective(study, space, runtime, baseline, tracker, options.presets, progress,
-                          len(study.directions) > 1, options.trial_timeout_s)
-    # What the baseline spent and measured, for the search's bill (the same on every run and worker).
-    study.set_user_attr("baseline", {k: baseline[k] for k in ("reference", "spent", "energy_j_per_request")
-                                     if k in baseline})
+    objective = Objective(study, space, runtime, baseline, tracker, with_reference(space, options.presets), progress,
+                          len(study.directions) > 1, options.trial_timeout_s, repeat_measured=options.repeat_measured)
+    # What the baseline spent, and the reference it answered as, for the search's bill.
+    study.set_user_attr("baseline", {k: baseline[k] for k in ("reference", "spent") if k in baseline})
+    study.set_user_attr("job", runtime.reference.workload.describe_job())
     progress.study_started(study, options.trials)
-    optimize_until(study, objective, options)
+    stopped = optimize_until(study, objective, options)
+    if stopped:  # one line, as a trial's; the bill and `search status` say it too
+        print(("\r\033[K" if progress.live else "") + f"stopped early: {stopped} (--no-early-stop goes on to "
+              f"--trials {options.trials})", file=progress.stream, flush=True)
     try:
         tracker.log_bill(*bill.mlflow_fields(study_bill(study)))
     except TrackingFailed as exc:  # the study's trials are all recorded; the next run logs the bill again
@@ -341,33 +377,63 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
     return counts(study)
 
 
+def with_reference(space: space_mod.Space, presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The presets a study knows: the reference configuration (REFERENCE_PRESET) and the user's."""
+    return {REFERENCE_PRESET: space.reference_config().flat(), **presets}
+
+
 def queue_first_trials(study: optuna.Study, space: space_mod.Space, options: RunOptions) -> None:
-    """The presets and the retries of interrupted trials, under the lock the workers ask under: workers
-    that start together would each read "not enqueued yet" and enqueue them once apiece."""
+    """The reference, the presets and the retries of interrupted trials, under the lock the workers ask
+    under: workers that start together would each read "not enqueued yet" and enqueue them once apiece.
+    The reference is every study's first trial: it is priced by the same stages, in the same state and
+    window, repeated as often as the trials it is compared with (the bill reads its price there)."""
+    presets = with_reference(space, options.presets)
     with ask_lock(options.storage_url, study.study_name):
+        warm_start(study, space, {REFERENCE_PRESET: presets[REFERENCE_PRESET]})
         if options.warm_start != "none":
             warm_start(study, space, options.presets)
         retry_interrupted(study)
 
 
-def optimize_until(study: optuna.Study, objective, options: RunOptions) -> None:
+def optimize_until(study: optuna.Study, objective, options: RunOptions) -> str | None:
     """Run trials until the study holds `options.trials` finished ones, counted over all its
-    workers, or until `options.timeout_s`. Workers count and ask under one lock, and count the
-    trials running elsewhere too, so that exactly that many finish; a worker with no free slot
-    waits on the others' last trials (one may fail and need running again)."""
+    workers, or until `options.timeout_s`, or until `options.stop_rule` says more trials are unlikely
+    to beat the best feasible one (returns its reason, also kept in the study's user attributes).
+    Workers count and ask under one lock, and count the trials running elsewhere too, so that
+    exactly that many finish; a worker with no free slot waits on the others' last trials (one may
+    fail and need running again), and so does a worker the stop rule would stop (one may gain)."""
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     while deadline is None or time.monotonic() < deadline:
+        stopped = None
         with interrupts.deferred(), ask_lock(options.storage_url, study.study_name) as release:
             slot = _free_slot(study, options.trials)
+            if slot is not None and options.stop_rule is not None:
+                slot, stopped = _stop_rule_slot(study, options.stop_rule, slot)
             if slot:
+                stopping.forget(study)  # a trial starts: the study no longer stands stopped
                 def asked(trial: optuna.Trial) -> Any:
                     release()  # the trial exists: the other workers may count and ask again
                     return objective(trial)
                 study.optimize(asked, n_trials=1, catch=(TrialFailed,))
         if slot is None:
-            return
+            return stopped
         if not slot:
             time.sleep(options.poll_s)
+    return None
+
+
+def _stop_rule_slot(study: optuna.Study, rule: stopping.StopRule, slot: bool) -> tuple[bool | None, str | None]:
+    """The free slot as the stop rule leaves it, and why it stops the study. Trials the study queued
+    (presets, retries) still run; a trial running on another worker may still gain: wait for it."""
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return slot, None
+    reason = stopping.check(study, rule)
+    if reason is None:
+        return slot, None
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return False, None
+    stopping.record(study, reason, rule)
+    return None, reason
 
 
 def _free_slot(study: optuna.Study, wanted: int) -> bool | None:
@@ -433,12 +499,15 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     best = best_feasible(study)
     return {
         "study": study.study_name,
+        "job": study.user_attrs.get("job"),
         "counts": counts(study),
         "best_feasible": None if best is None else {
             "trial": best.number, "objective": best.values[0], "objective_name": OBJECTIVE,
             "recovery_mean": best.user_attrs.get("metrics", {}).get("recovery_mean"),
             "floor_ratio": best.user_attrs.get("metrics", {}).get("floor_ratio"),
-            "energy_source": best.user_attrs.get("energy_source"), "config": best.user_attrs.get("config")},
+            "energy_source": best.user_attrs.get("energy_source"), "config": best.user_attrs.get("config"),
+            "is_reference": dedupe.is_reference(best, dedupe.reference_config(study))},
+        "duplicates": len(dedupe.duplicates(study)),  # trials answered from an earlier measurement
     }
 
 

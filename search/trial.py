@@ -144,18 +144,21 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         # the trial can still reach the gate, so a hopeless one is pruned without a measurement and
         # the measured window is never split.
         base_items = [item for item in baseline["items"] if item["positions"] is not None]  # distinct prompts
-        split = max(1, round(len(prompts) * config.workload.early_check_fraction))
-        base_split = max(1, round(len(base_items) * config.workload.early_check_fraction))
-        with stages("screen"):
-            screen_results, fidelity_rows = screen(server, prompts[:split], base_items[:base_split], prompts_by_id,
-                                                   config.workload)
-        if split < len(prompts) or base_split < len(base_items):
-            try:
-                scoring.check_reachable(runtime.gate, config.workload.quality, baseline["items"], screen_results,
-                                        fidelity_rows, prompts_by_id, [p.id for p in prompts])
-            except TrialPruned:
-                record.spent["pruned_at_screen"] = 1.0  # nothing measured: no energy window was run
-                raise
+        fidelity_rows: list[scoring.FidelityRow] = []
+        base_split = 0
+        if runtime.gate.can_prune:  # under a gate of 0 no partial score prunes: the screen would buy nothing
+            split = max(1, round(len(prompts) * config.workload.early_check_fraction))
+            base_split = max(1, round(len(base_items) * config.workload.early_check_fraction))
+            with stages("screen"):
+                screen_results, fidelity_rows = screen(server, prompts[:split], base_items[:base_split],
+                                                       prompts_by_id, config.workload)
+            if split < len(prompts) or base_split < len(base_items):
+                try:
+                    scoring.check_reachable(runtime.gate, config.workload.quality, baseline["items"],
+                                            screen_results, fidelity_rows, prompts_by_id, [p.id for p in prompts])
+                except TrialPruned:
+                    record.spent["pruned_at_screen"] = 1.0  # nothing measured: no energy window was run
+                    raise
 
         with stages("workload"):
             results, reading, cache_counts = measure_window(runtime, server, meter, prompts, config.workload)
@@ -393,7 +396,7 @@ def score(runtime: Runtime, config: TrialConfig, baseline: dict, results: list[R
 
 
 # --------------------------------------------------------------------------------------------
-# Baseline: the uncompressed model under the reference settings, scored once per study and cached.
+# Baseline: the uncompressed model's answers under the reference settings, made once per study and cached.
 
 
 def baseline_key(runtime: Runtime, model_fingerprint: str) -> str:
@@ -414,8 +417,7 @@ def load_or_make_baseline(runtime: Runtime, key: str, stage: Stage) -> dict[str,
 
 def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
                    cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    """The reference's answers and teacher-forced positions; with them, what its stages spent and its
-    measured window's J/request, for the search's bill."""
+    """The reference's answers and teacher-forced positions, and what its stages spent (the search's bill)."""
     ref = runtime.reference
     spent: dict[str, float] = {}
     stages = Stages(spent, stage, stage_meter(cleanup), runtime.energy_source)
@@ -425,12 +427,10 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
     prompts = runtime.prompts(ref.workload)
     with stages("warmup", "baseline: warm-up"):
         raise_if_engine_died(server, workload.warm_up(server.base_url, server.served_name, prompts, ref.workload))
-    with stages("workload", "baseline: workload"):
-        meter = energy.make_meter(None, server.pids)  # no idle draw: the J/request compared is gross
-        cleanup.callback(meter.close)
-        meter.start()
+    # Answers only: the reference's price is its own trial's (the study's first, study.queue_first_trials),
+    # measured by the same stages in the same warm state as every trial's.
+    with stages("answers", "baseline: answers"):
         results = workload.run(server.base_url, server.served_name, prompts, ref.workload)
-        reading = meter.stop()
     raise_if_engine_died(server, results)
     errors = [r.error for r in results if r.error]
     if errors:
@@ -454,21 +454,9 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
             if not any(i["label_score"] for i in items if i["task"] == task):
                 raise ValueError(f"the baseline scores 0 on task {task}: recovery against it is undefined "
                                  "(a random-weight model? use workload.quality: fidelity)")
-    baseline = {"key": key, "reference": flatten(ref), "items": items, "spent": spent,
-                "energy_j_per_request": reference_j_per_request(runtime, results, reading)}
+    baseline = {"key": key, "reference": flatten(ref), "items": items, "spent": spent}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(baseline))
     tmp.replace(path)
     return baseline
 
-
-def reference_j_per_request(runtime: Runtime, results: list[RequestResult], reading: energy.EnergyReading
-                            ) -> float | None:
-    """The reference's J/request in its objective window, as a trial's is read; None when it would
-    not compare with the trials' (another meter) or its window cannot be read."""
-    if runtime.energy_source and energy.meter_kind(reading.source) != runtime.energy_source:
-        return None
-    try:
-        return window_metrics(results, reading, runtime.reference, len(results))["energy_j_per_request"]
-    except windows.WindowUnreadable:
-        return None

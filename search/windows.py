@@ -148,15 +148,15 @@ def steady_metrics(spans: list[tuple[float, float]], token_times: list[list[floa
 
 
 def read_objective_window(metrics: dict[str, float], settings: WorkloadConfig) -> None:
-    """Put the objective window's J/request in `energy_j_per_request` (the whole run's stays as
-    `whole_energy_j_per_request`); a steady window that is missing or too short to read fails the trial."""
-    if settings.objective_window != "steady":
+    """Put the job's price per request in `energy_j_per_request`: a fixed job's is the whole run's, as
+    measured; sustained service's is its steady state's (the whole run's stays as
+    `whole_energy_j_per_request`), and a steady window missing or too short to read fails the trial."""
+    if settings.job == "fixed":
         return
     steady_s = metrics.get("steady_window_s") or 0.0
     if not steady_s:
         raise WindowUnreadable("the workload had no steady state to measure: its batch never filled and then "
-                               "drained (workload.objective_window: steady needs more requests than the server "
-                               "runs at once)")
+                               "drained (workload.job sustained needs more requests than the server runs at once)")
     if steady_s < settings.min_steady_s:
         raise WindowUnreadable(f"the steady state lasted {steady_s:.1f} s, under workload.min_steady_s "
                                f"{settings.min_steady_s:g} s: too short to read; more requests or longer answers "

@@ -185,7 +185,7 @@ constraints:
 
 def test_presets_are_valid_configs():
     presets = space_mod.load_presets(PROJECT / "spaces" / "presets" / "seeds.yaml")
-    assert len(presets) == 6
+    assert len(presets) == 5  # the five seed cards; the reference is every study's first trial anyway
     for values in presets.values():
         cfg.build(values)
     space = space_mod.load(PROJECT / "spaces" / "default.yaml")
@@ -301,7 +301,6 @@ def test_gpu_space_runs_every_seed_preset_as_its_card_says():
     for name, values in presets.items():
         study.enqueue_trial(space.enqueue_params(values))
         configs[name] = space.sample(study.ask(), values)
-    assert configs["bf16_reference"] == space.reference_config()
     nf4 = configs["seed_000_bnb_nf4"]
     assert (nf4.compress.scheme, nf4.compress.prune.method, nf4.serve.max_num_seqs) == ("bnb_nf4", "none", 128)
     seed_001 = configs["seed_001_sparsegpt_gptq_w4a16_fp8kv"]
@@ -342,4 +341,16 @@ def test_workers_starting_together_enqueue_the_presets_once(tmp_path):
         assert worker.is_alive() and not study.get_trials()
     worker.join()
     study_mod.queue_first_trials(study, space, options)  # the next worker finds them queued
-    assert [t.user_attrs["preset"] for t in study.get_trials()] == ["a", "b"]
+    assert [t.user_attrs["preset"] for t in study.get_trials()] == ["reference", "a", "b"]
+
+
+def test_the_reference_is_every_studys_first_trial_and_runs_exactly_the_reference_configuration(tmp_path):
+    """The reference is priced by its own trial, whatever --warm-start says: the bill reads its price there."""
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-l4.yaml")
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    study_mod.queue_first_trials(study, space, study_mod.RunOptions(2, None, "none", {}, None, storage_url=url))
+    study_mod.queue_first_trials(study, space, study_mod.RunOptions(2, None, "none", {}, None, storage_url=url))
+    assert [t.user_attrs["preset"] for t in study.get_trials()] == ["reference"]  # once per study
+    presets = study_mod.with_reference(space, {})
+    assert space.sample(study.ask(), presets["reference"]) == space.reference_config()

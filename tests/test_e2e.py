@@ -37,7 +37,7 @@ def load(home):
 def test_warm_start_runs_the_seed_presets_first(study_home):
     trials = load(study_home).get_trials()
     assert [t.user_attrs.get("preset") for t in trials[:3]] == [
-        "bf16_reference", "seed_000_bnb_nf4", "seed_001_sparsegpt_gptq_w4a16_fp8kv"]
+        "reference", "seed_000_bnb_nf4", "seed_001_sparsegpt_gptq_w4a16_fp8kv"]
     states = [t.state for t in trials[:3]]
     assert states[0] == optuna.trial.TrialState.COMPLETE
     # NF4 needs CUDA: recorded as infeasible with its reason, before any work, as a violated
@@ -100,9 +100,9 @@ def test_resume_continues_numbering_and_status(study_home, serve_python, main_py
     assert sum(status["counts"][k] for k in ("complete", "pruned", "failed", "infeasible")) == 4
     bill = status["bill"]  # every stage the search paid for, the baseline's too, by the study's (estimate) meter
     assert bill["estimate"] and bill["baseline"]["joules"] > 0 and bill["stages"]["compress"]["seconds"] > 0
-    assert bill["reference_from"] == "the baseline's measured window" and bill["break_even"]
+    assert bill["reference_from"] == "trial 0, which ran the reference configuration" and bill["break_even"]
     shown = json.loads(run_cli(study_home, "show", "0").stdout)
-    assert shown["user_attrs"]["preset"] == "bf16_reference"
+    assert shown["user_attrs"]["preset"] == "reference"
     out = study_home / "front"
     run_cli(study_home, "export", "--out", str(out))
     assert (out / "pareto.csv").exists() and (out / "pareto.json").exists()

@@ -103,3 +103,11 @@ def test_gate_rejects_bad_input():
         Gate(use="mean")
     with pytest.raises(ValueError):
         Gate().evaluate({})
+
+
+def test_only_a_gate_above_zero_can_prune_a_trial_on_a_partial_score():
+    """trial.run skips the quality screen under a gate of 0: no partial score could prune there."""
+    from objectives.recovery import Gate
+
+    assert Gate(threshold=0.8).can_prune and not Gate(threshold=0.0).can_prune
+    assert not Gate(threshold=0.0, per_task_min=0.5).can_prune  # the screen checks the mean only

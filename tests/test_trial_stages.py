@@ -1,5 +1,5 @@
-"""A trial's stages are timed and metered into its record as they end, a failed stage too; the
-baseline's window gives the bill its reference J/request only when it compares with the trials'."""
+"""A trial's stages are timed and metered into its record as they end, a failed stage too; a repeat
+window is read as the objective is."""
 
 from types import SimpleNamespace
 
@@ -8,7 +8,7 @@ import pytest
 from search import energy
 from search.config import build
 from search import trial
-from search.trial import Stages, TrialRecord, reference_j_per_request
+from search.trial import Stages, TrialRecord
 from search.workload import RequestResult
 
 
@@ -55,14 +55,6 @@ def results(n: int) -> list[RequestResult]:
 def reading(source: str, joules: float) -> energy.EnergyReading:
     return energy.EnergyReading(source, "test", [], 0.0, 1.0, joules, joules, joules, joules,
                                 trace=[(0.0, joules), (1.0, joules)])
-
-
-def test_the_baselines_window_gives_the_reference_j_per_request_when_it_compares():
-    runtime = SimpleNamespace(energy_source="estimate", reference=build({}))
-    assert reference_j_per_request(runtime, results(4), reading("estimate", 10.0)) == 2.5
-    assert reference_j_per_request(runtime, results(4), reading("nvml", 10.0)) is None  # another meter
-    steady = SimpleNamespace(energy_source="estimate", reference=build({"workload.objective_window": "steady"}))
-    assert reference_j_per_request(steady, results(4), reading("estimate", 10.0)) is None  # no steady state
 
 
 def test_a_repeat_window_is_read_as_the_objective_is_and_from_the_studys_meter(monkeypatch):

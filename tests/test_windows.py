@@ -53,23 +53,89 @@ def test_percentiles_nearest_rank():
     assert math.isnan(percentiles([], "ttft")["ttft_p50"])
 
 
-def test_the_objective_reads_the_steady_window_only_when_it_is_long_enough():
+def test_sustained_service_reads_the_steady_window_only_when_it_is_long_enough():
     from search.config import WorkloadConfig
     from search.windows import read_objective_window
 
     def metrics(steady_s):
         return {"energy_j_per_request": 3.0, "steady_energy_j_per_request": 2.5, "steady_window_s": steady_s}
 
-    whole = metrics(1.0)
-    read_objective_window(whole, WorkloadConfig())
-    assert whole["energy_j_per_request"] == 3.0  # the default reads the whole run
+    def sustained(**kw):
+        return WorkloadConfig(job="sustained", arrival="concurrency", **kw)
+
+    fixed = metrics(6.0)
+    read_objective_window(fixed, WorkloadConfig())
+    assert fixed["energy_j_per_request"] == 3.0  # the default job is fixed: the whole run
     steady = metrics(6.0)
-    read_objective_window(steady, WorkloadConfig(objective_window="steady"))
+    read_objective_window(steady, sustained())
     assert (steady["energy_j_per_request"], steady["whole_energy_j_per_request"]) == (2.5, 3.0)
     with pytest.raises(RuntimeError, match="lasted 1.0 s, under workload.min_steady_s 5 s"):
-        read_objective_window(metrics(1.0), WorkloadConfig(objective_window="steady"))
+        read_objective_window(metrics(1.0), sustained())
     with pytest.raises(RuntimeError, match="no steady state"):
-        read_objective_window(metrics(0.0), WorkloadConfig(objective_window="steady", min_steady_s=0))
+        read_objective_window(metrics(0.0), sustained(min_steady_s=0))
     short_ok = metrics(1.0)
-    read_objective_window(short_ok, WorkloadConfig(objective_window="steady", min_steady_s=0.5))
+    read_objective_window(short_ok, sustained(min_steady_s=0.5))
     assert short_ok["energy_j_per_request"] == 2.5
+
+
+def _closed_loop(n_requests: int, concurrency: int, ramp_s: float, answer_s: float):
+    """Requests of a closed loop of `concurrency`: the first ones start one by one over `ramp_s`
+    (their prefills queue), each streams for `answer_s`, and a finished one is replaced at once."""
+    from search.workload import RequestResult
+
+    free_at = [i * ramp_s / concurrency for i in range(concurrency)]
+    out = []
+    for i in range(n_requests):
+        slot = min(range(concurrency), key=lambda k: free_at[k])
+        first, end = free_at[slot] + 0.05, free_at[slot] + answer_s
+        free_at[slot] = end
+        times = [first + k * (end - first) / 9 for k in range(10)]
+        out.append(RequestResult(f"t/{i}", "t", "a", 5, 10, answer_s, 0.05, token_times=times, ended_at=end))
+    return out
+
+
+def _reading_following(results, idle_w: float = 50.0, per_request_w: float = 10.0):
+    """A reading whose power is the idle draw plus `per_request_w` for each request streaming."""
+    from search.energy import EnergyReading
+
+    end = max(r.ended_at for r in results)
+    trace = []
+    for k in range(int(end * 20) + 2):
+        t = k / 20
+        running = sum(1 for r in results if r.token_times[0] <= t <= r.ended_at)
+        trace.append((t, idle_w + per_request_w * running))
+    joules = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(trace, trace[1:]))
+    duration = trace[-1][0]
+    return EnergyReading("estimate", "test", [], idle_w, duration, joules, joules, joules / duration,
+                         max(w for _, w in trace), trace=trace, started_at=0.0)
+
+
+def test_a_fixed_job_pays_its_ramp_and_drain_and_sustained_service_is_priced_at_its_load():
+    """One run priced as the two jobs: the fixed job pays every joule of the run, ramp-up and drain
+    included; sustained service pays its steady state, where the named load of 4 requests runs."""
+    from search.config import build
+    from search.energy import window_metrics
+
+    results = _closed_loop(n_requests=24, concurrency=4, ramp_s=2.0, answer_s=1.0)
+    reading = _reading_following(results)
+    load = {"workload.arrival": "concurrency", "workload.concurrency": 4, "serve.max_num_seqs": 8}
+    fixed = window_metrics(results, reading, build(load), len(results))
+    assert fixed["energy_j_per_request"] == pytest.approx(reading.joules_gross / len(results))
+    sustained = window_metrics(results, reading, build({**load, "workload.job": "sustained",
+                                                        "workload.min_steady_s": 0.5}), len(results))
+    assert sustained["steady_batch"] == 4  # the named load, not max_num_seqs
+    # The ramp (requests starting one by one) and the drain run below the load, the idle draw shared by
+    # fewer requests: per request they cost more than the steady state, and only the fixed job pays them.
+    assert sustained["energy_j_per_request"] < fixed["energy_j_per_request"]
+    assert sustained["whole_energy_j_per_request"] == fixed["energy_j_per_request"]
+
+
+def test_sustained_service_needs_a_named_load_and_each_job_says_what_it_prices():
+    from search.config import CombinationError, WorkloadConfig
+
+    with pytest.raises(CombinationError, match="workload.arrival concurrency or rate"):
+        WorkloadConfig(job="sustained", arrival="all_at_once")
+    assert WorkloadConfig(arrival="all_at_once", n_requests=512).describe_job() == (
+        "fixed job: 512 requests sent all at once, priced over the whole run")
+    assert WorkloadConfig(job="sustained", arrival="rate", rate_rps=2).describe_job() == (
+        "sustained service at 2 requests/s (Poisson), priced per request over the steady state")

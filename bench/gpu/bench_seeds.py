@@ -86,7 +86,7 @@ TOY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 # seeds have it; serving fixed for all, so that only compression and KV-cache dtype differ.
 
 PRESETS = {
-    "bf16": ("bf16_reference", {}),
+    "bf16": (None, {"compress.scheme": "none"}),  # the reference: no preset, the uncompressed model
     "nf4_000": ("seed_000_bnb_nf4", {}),
     "fp8_002": ("seed_002_fp8_weights_fp8kv", {}),
     "gptq_fp8kv_001np": ("seed_001_sparsegpt_gptq_w4a16_fp8kv", {"compress.prune.method": "none"}),
@@ -141,7 +141,7 @@ def trial_config(name: str, override: dict | None = None):
 
     preset_name, extra = PRESETS[name]
     presets = yaml.safe_load((REPO / "spaces/presets/seeds.yaml").read_text())
-    values = dict(presets[preset_name]["config"])
+    values = dict(presets[preset_name]["config"]) if preset_name else {}
     kv = values.get("serve.kv_cache_dtype", "auto")
     values = {k: v for k, v in values.items() if k.startswith("compress.")}
     values.update(extra)

@@ -12,6 +12,8 @@
 #       After every part is staged: `python -m search run` itself on the twin (GPU space, fidelity
 #       quality), the orchestrator from /tmp/site-orch + /tmp/site-vllm, each environment through a wrapper script.
 #       On a machine of several GPUs, `run` on GPU 0 and a `search worker` on each other GPU, one study.
+#   bash bench/gpu/stage_and_run.sh l4study [TRIALS]
+#       `product` with issue 25's study options (L4_STUDY below), resuming the study that .study/ carries.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
 #
@@ -53,13 +55,22 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
   [ -f "$S/stage.log" ] && cp "$S/stage.log" "$OUT/"
   if [ -f /tmp/product/optuna.db ]; then  # the product's study: its status, export and stores
     local orch="PYTHONPATH=/tmp/site-orch:/tmp/site-vllm:$CODE"
-    (cd "$CODE" && env "$orch" python3 -m search status --home /tmp/product > "$OUT/product-status.txt" 2>&1
-     rm -rf "$OUTDIR/product-export" && env "$orch" python3 -m search export --home /tmp/product \
+    local study; study=$(cat "$S/study" 2>/dev/null || echo gemma4-energy)
+    (cd "$CODE" && env "$orch" python3 -m search status --home /tmp/product --study "$study" > "$OUT/product-status.txt" 2>&1
+     rm -rf "$OUTDIR/product-export" && env "$orch" python3 -m search export --home /tmp/product --study "$study" \
        --out "$OUTDIR/product-export" >> "$OUT/product-status.txt" 2>&1)
     tar -czf "$OUT/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
       -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
     if [ "$(stat -c %s "$OUT/product-study.tgz")" -gt 15000000 ]; then  # $OUT takes 16 MiB a file
-      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db -C "$OUTDIR" product-export
+      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db \
+        $(cd /tmp && ls product/studies/*/baseline-*.json 2>/dev/null) -C "$OUTDIR" product-export
+    fi
+    # vLLM's compile cache (torch.compile and Triton), so that the next machine's starts hit it.
+    if [ -d /tmp/product/cache/vllm ]; then
+      tar -czf "$OUTDIR/compile-cache.tgz" -C /tmp/product/cache vllm
+      local size; size=$(stat -c %s "$OUTDIR/compile-cache.tgz")
+      echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $size bytes packed"
+      [ "$size" -le 16000000 ] && cp "$OUTDIR/compile-cache.tgz" "$OUT/"
     fi
   fi
   if [ -d "$OUTDIR/server-logs" ]; then
@@ -148,9 +159,20 @@ wait_for() {
   collect
 }
 
+restore_study() {  # a study carried from an earlier machine (.study/, git-ignored): its stores and compile cache
+  [ -f /tmp/product/optuna.db ] && return 0
+  [ -f .study/product-study.tgz ] || return 0
+  mkdir -p /tmp/product && tar -xzf .study/product-study.tgz -C /tmp product || return 1
+  [ -f .study/compile-cache.tgz ] && mkdir -p /tmp/product/cache && tar -xzf .study/compile-cache.tgz -C /tmp/product/cache
+  echo "restored the carried study: $(du -sh /tmp/product | cut -f1) ($(ls /tmp/product/cache 2>/dev/null | tr '\n' ' '))"
+}
+
 product() {  # TRIALS [run options...]: the product's own pipeline on the twin (issue 8)
   local trials=${1:-3}; shift || true
+  local args=("$@") i
+  for ((i = 0; i < ${#args[@]}; i++)); do [ "${args[i]}" = --study ] && echo "${args[i + 1]}" > "$S/study"; done
   [ -f "$S/vllm.ok" ] || { echo "stage every part first (no $S/vllm.ok)"; return 1; }
+  restore_study
   rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
   # Interpreters of the two environments, as --serve-python / --compress-python expect them.
   printf '#!/bin/sh\nPYTHONPATH=/tmp/site-vllm:%s exec python3 "$@"\n' "$CODE" > /tmp/py-serve
@@ -179,6 +201,15 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   done
   cd "$OLDPWD" || return 1
   echo "product run started on $gpus GPU(s) (run pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
+}
+
+# Issue 25's study: the L4 space on the full-size twin, the seeds first, grown across machines. Its
+# options are fixed here, so that every session resumes the same study (a changed option is refused).
+L4_STUDY=(--study l4-twin --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
+          --set serve.attention_backend=TRITON_ATTN)
+
+l4study() {  # TRIALS: resume (or begin) issue 25's study, restoring what .study/ carries
+  product "${1:-30}" "${L4_STUDY[@]}"
 }
 
 twin() {  # the twin's build in the background (compression env), while the other parts arrive
@@ -211,6 +242,7 @@ cmd=${1:-stage}; shift || true
 case "$cmd" in
   stage) stage "$@" ;;
   product) product "$@" ;;
+  l4study) l4study "$@" ;;
   twin) twin "$@" ;;
   startbench) startbench "$@" ;;
   wait) wait_for "$@" ;;
