@@ -202,6 +202,10 @@ class WorkloadConfig(_Options):
     thinking: bool = False
     tasks: tuple[str, ...] = Field(("builtin_documents", "builtin_scenes"), strict=False)
     quality: Quality = "fidelity"
+    # Distinct prompts whose reference answers are teacher-forced for the label-free scores (top-1
+    # agreement, KL): each costs a forward pass in the baseline and in every trial, so a job of many
+    # distinct prompts scores the first ones (round-robin over the tasks), not all.
+    fidelity_items: Integer = Field(64, ge=1)
     # Share of the requests after which recovery is checked and a hopeless trial is pruned.
     early_check_fraction: float = Field(0.5, gt=0, le=1)
     # Measure the workload this many times in all (the extra windows give the energy's spread).

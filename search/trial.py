@@ -11,6 +11,7 @@ failed trial keeps what it made.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import functools
@@ -42,6 +43,9 @@ from search.workload import Prompt, RequestResult
 Stage = Callable[[str], None]
 # The stage meter only sums joules (no trace is kept): a slow rate costs next to nothing.
 STAGE_SAMPLE_HZ = 2.0
+# Teacher-forced requests in flight at once: the server batches them. One at a time left the GPU
+# waiting between requests: 36-44 s for 64 items a trial on an H100 (bench/results/gpu-2026-12-06-h100-l4-study/).
+FORCED_AT_ONCE = 16
 
 
 @dataclass
@@ -349,17 +353,24 @@ def _fidelity(server: Server, baseline_items: list[dict], prompts_by_id: dict[st
     under the trial's own prompt settings (system turn, thinking), so that they move the score too:
     the positions compared are the user turn and the answer, which both prompts end with. Answer
     tokens past the trial's max_tokens, which the trial would never have produced, count as misses."""
+    items = [item for item in baseline_items if item["positions"] is not None]  # None: a repeated prompt
+    forced = forced_at_once(lambda item: workload.teacher_forced_logprobs(
+        server.base_url, server.served_name, prompts_by_id[item["id"]], item["answer"], settings), items)
     out = []
-    for item in baseline_items:
-        if item["positions"] is None:  # a repeat of a prompt compared already
-            continue
-        positions = workload.teacher_forced_logprobs(server.base_url, server.served_name,
-                                                     prompts_by_id[item["id"]], item["answer"], settings)
+    for item, positions in zip(items, forced):
         base, trial = fidelity.common_suffix(item["positions"], positions)
         cut = max(0, item["completion_tokens"] - settings.max_tokens)
         out.append((item["task"], fidelity.top1_agreement(base, trial, missed_tail=cut),
                     fidelity.topk_kl(base, trial)))
     return out
+
+
+def forced_at_once(force: Callable[[Any], list], items: list) -> list[list]:
+    """`force` over `items`, FORCED_AT_ONCE requests in flight (the server batches them), in order."""
+    if not items:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(FORCED_AT_ONCE, len(items))) as pool:
+        return list(pool.map(force, items))
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,16 +449,19 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
     items = []
     forced = set()
     with stages("quality", "baseline: teacher forcing"):
-        for prompt, result in zip(prompts, results):
-            # A prompt the workload repeats (more requests than task items) is compared once: fidelity
-            # items are distinct prompts, and a repeat would cost a teacher-forced pass for no new evidence.
-            positions = None
-            if prompt.id not in forced:
+        # A prompt the workload repeats (more requests than task items) is compared once: fidelity
+        # items are distinct prompts, and a repeat would cost a teacher-forced pass for no new evidence.
+        # Past workload.fidelity_items distinct prompts, none is forced: scoring is sized to rank.
+        to_force = []
+        for index, prompt in enumerate(prompts):
+            if prompt.id not in forced and len(forced) < ref.workload.fidelity_items:
                 forced.add(prompt.id)
-                positions = workload.teacher_forced_logprobs(server.base_url, server.served_name, prompt,
-                                                             result.answer, ref.workload)
+                to_force.append(index)
+        positions = dict(zip(to_force, forced_at_once(lambda i: workload.teacher_forced_logprobs(
+            server.base_url, server.served_name, prompts[i], results[i].answer, ref.workload), to_force)))
+        for index, (prompt, result) in enumerate(zip(prompts, results)):
             items.append({"id": prompt.id, "task": prompt.task, "answer": result.answer,
-                          "positions": positions, "completion_tokens": result.completion_tokens,
+                          "positions": positions.get(index), "completion_tokens": result.completion_tokens,
                           "label_score": get_scorer(prompt.scorer)(result.answer, list(prompt.answers))})
     if ref.workload.quality == "labels":
         for task in {i["task"] for i in items}:

@@ -91,12 +91,17 @@ def with_default_system_turn(template: str, system: str) -> str:
 
 
 def load_prompts(workload: WorkloadConfig, cache_dir) -> list[Prompt]:
-    """n_requests prompts, round-robin over the workload's tasks, deterministic."""
-    from objectives.tasks import load_examples, resolve_task
+    """n_requests prompts, round-robin over the workload's tasks, deterministic. A generated task
+    (builtin) makes at least as many distinct items as the job sends it: an evaluation
+    harness repeats no prompt, and repeats would hit a prefix cache that a real job never hits."""
+    from objectives.tasks import BUILTIN_DEFAULT_N, load_examples, resolve_task
 
     per_task = []
+    needed = -(-workload.n_requests // len(workload.tasks))
     for name in workload.tasks:
         task = resolve_task(name)
+        if task.scheme == "builtin" and needed > (task.n_samples or BUILTIN_DEFAULT_N):
+            task = replace(task, n_samples=needed)
         examples = load_examples(task, cache_dir)
         if not examples:
             raise ValueError(f"task {name} produced no examples")

@@ -115,3 +115,42 @@ def test_a_trial_compares_each_distinct_prompt_once(monkeypatch):
     server = SimpleNamespace(base_url="http://unused", served_name="m")
     rows = trial._fidelity(server, items, {"t/1": prompt}, WorkloadConfig(max_tokens=8))
     assert calls == ["t/1"] and rows == [("t", 1.0, pytest.approx(0.0, abs=1e-12))]
+
+
+def test_the_baseline_teacher_forces_only_the_first_fidelity_items_distinct_prompts(monkeypatch, tmp_path):
+    """A job of many distinct prompts is scored on workload.fidelity_items of them: each forced prompt
+    costs a forward pass in the baseline and in every trial."""
+    import contextlib
+
+    from search import trial, workload
+    from search.config import build
+
+    prompts = [workload.Prompt(f"t/{i}", "t", f"q{i}", None, ("a",), "exact_match") for i in range(6)]
+    forced = []
+    monkeypatch.setattr(workload, "warm_up", lambda *a: [])
+    monkeypatch.setattr(workload, "run", lambda url, model, ps, settings: [
+        workload.RequestResult(p.id, p.task, "a", 3, 1, 0.1, 0.05) for p in ps])
+    monkeypatch.setattr(workload, "teacher_forced_logprobs",
+                        lambda url, model, prompt, answer, settings: forced.append(prompt.id) or BASELINE)
+    server = SimpleNamespace(base_url="http://unused", served_name="m", engine_error=lambda: None)
+    runtime = SimpleNamespace(reference=build({"workload.fidelity_items": 4, "workload.n_requests": 6}),
+                              pool=SimpleNamespace(get=lambda *a: (server, False)), base_model=tmp_path,
+                              workdir=tmp_path, energy_source="estimate", platform=None,
+                              prompts=lambda settings: prompts)
+    monkeypatch.setattr(trial, "engine_args", lambda runtime, config: {})
+    with contextlib.ExitStack() as cleanup:
+        baseline = trial._make_baseline(runtime, "k", tmp_path / "baseline.json", lambda name: None, cleanup)
+    assert forced == ["t/0", "t/1", "t/2", "t/3"]
+    assert [item["positions"] is not None for item in baseline["items"]] == [True] * 4 + [False] * 2
+
+
+def test_a_fixed_job_of_generated_tasks_sends_distinct_prompts(tmp_path):
+    """An evaluation repeats no prompt: a builtin task makes as many items as the job sends, so no
+    request finds its prompt in a prefix cache that a real job would not have warmed."""
+    from search import workload
+    from search.config import WorkloadConfig
+
+    many = workload.load_prompts(WorkloadConfig(n_requests=70), tmp_path)
+    assert len({p.id for p in many}) == 70 and len({p.image_png for p in many}) == 70
+    few = workload.load_prompts(WorkloadConfig(n_requests=8), tmp_path)
+    assert [p.id for p in few] == [p.id for p in many[:8]]  # small jobs draw the same first items as before

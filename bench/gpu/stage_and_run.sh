@@ -52,25 +52,61 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
   done
   ls "$OUTDIR"/product-gpu*.log > /dev/null 2>&1 && tail -n +1 "$OUTDIR"/product-gpu*.log > "$OUT/product-workers.log"
-  [ -f "$S/stage.log" ] && cp "$S/stage.log" "$OUT/"
+  # stage.log only until the product has a study: after that the study needs the slots
+  [ -f "$S/stage.log" ] && [ ! -f /tmp/product/optuna.db ] && cp "$S/stage.log" "$OUT/"
   if [ -f /tmp/product/optuna.db ]; then  # the product's study: its status, export and stores
     local orch="PYTHONPATH=/tmp/site-orch:/tmp/site-vllm:$CODE"
     local study; study=$(cat "$S/study" 2>/dev/null || echo gemma4-energy)
     (cd "$CODE" && env "$orch" python3 -m search status --home /tmp/product --study "$study" > "$OUT/product-status.txt" 2>&1
      rm -rf "$OUTDIR/product-export" && env "$orch" python3 -m search export --home /tmp/product --study "$study" \
        --out "$OUTDIR/product-export" >> "$OUT/product-status.txt" 2>&1)
+    # the baseline files are large: they travel in baseline.tgz below
     tar -czf "$OUT/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
-      -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
+      --exclude='baseline-*' -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
     if [ "$(stat -c %s "$OUT/product-study.tgz")" -gt 15000000 ]; then  # $OUT takes 16 MiB a file
-      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db \
-        $(cd /tmp && ls product/studies/*/baseline-*.json 2>/dev/null) -C "$OUTDIR" product-export
+      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db -C "$OUTDIR" product-export
+    fi
+    echo "product-study.tgz: $(stat -c %s "$OUT/product-study.tgz") bytes"
+    # $OUT brings back 8 files, 64 MiB together: keep a slot for server-logs.txt and 2 MB of margin
+    fits() {  # fits FILES BYTES: would FILES more files of BYTES together still come back?
+      local n b reserve=0
+      [ -d "$OUTDIR/server-logs" ] && [ ! -f "$OUT/server-logs.txt" ] && reserve=1
+      n=$(find "$OUT" -type f | wc -l)
+      b=$(find "$OUT" -type f -print0 | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+      [ $((n + $1 + reserve)) -le 8 ] && [ $((${b:-0} + $2)) -le 62000000 ]
+    }
+    # the baseline before the compile cache: a study without its baseline can't be compared
+    local baseline; baseline=$(cd /tmp && ls product/studies/*/baseline-*.json 2>/dev/null)
+    if [ -n "$baseline" ]; then
+      tar -czf "$OUTDIR/baseline.tgz" -C /tmp $baseline
+      local bsize; bsize=$(stat -c %s "$OUTDIR/baseline.tgz")
+      if [ "$bsize" -le 15000000 ]; then
+        if fits 1 "$bsize"; then cp "$OUTDIR/baseline.tgz" "$OUT/"; echo "baseline.tgz: $bsize bytes"
+        else echo "baseline not brought back: $bsize bytes, over what \$OUT takes"; fi
+      else  # pieces of 15 MB, as many as fit (cat baseline.tgz.* to join them)
+        rm -rf "$OUTDIR/baseline-parts" && mkdir -p "$OUTDIR/baseline-parts"
+        split -b 15000000 -d -a 2 "$OUTDIR/baseline.tgz" "$OUTDIR/baseline-parts/baseline.tgz."
+        local part psize
+        for part in "$OUTDIR"/baseline-parts/baseline.tgz.*; do
+          psize=$(stat -c %s "$part")
+          if fits 1 "$psize"; then cp "$part" "$OUT/"; echo "$(basename "$part"): $psize bytes (baseline.tgz is $bsize)"
+          else echo "$(basename "$part") not brought back: $psize bytes, over what \$OUT takes"; fi
+        done
+      fi
     fi
     # vLLM's compile cache (torch.compile and Triton), so that the next machine's starts hit it.
     if [ -d /tmp/product/cache/vllm ]; then
       tar -czf "$OUTDIR/compile-cache.tgz" -C /tmp/product/cache vllm
       local size; size=$(stat -c %s "$OUTDIR/compile-cache.tgz")
-      echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $size bytes packed"
-      [ "$size" -le 16000000 ] && cp "$OUTDIR/compile-cache.tgz" "$OUT/"
+      echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $size bytes packed; its largest parts:"
+      du -sh /tmp/product/cache/vllm/* /tmp/product/cache/vllm/*/* 2>/dev/null | sort -h | tail -6 | sed 's/^/  /'
+      # all pieces or none: part of a tarball is no use (cat compile-cache.tgz.* to join them)
+      if fits $(( (size + 14999999) / 15000000 )) "$size"; then
+        split -b 15000000 -d -a 2 "$OUTDIR/compile-cache.tgz" "$OUT/compile-cache.tgz."
+        local piece; for piece in "$OUT"/compile-cache.tgz.*; do echo "$(basename "$piece"): $(stat -c %s "$piece") bytes"; done
+      else
+        echo "compile cache not brought back: $size bytes, over what \$OUT takes"
+      fi
     fi
   fi
   if [ -d "$OUTDIR/server-logs" ]; then
@@ -159,12 +195,15 @@ wait_for() {
   collect
 }
 
-restore_study() {  # a study carried from an earlier machine (.study/, git-ignored): its stores and compile cache
+restore_study() {  # a study carried from an earlier machine (.study/, git-ignored): its stores, baseline, compile cache
   [ -f /tmp/product/optuna.db ] && return 0
   [ -f .study/product-study.tgz ] || return 0
-  mkdir -p /tmp/product && tar -xzf .study/product-study.tgz -C /tmp product || return 1
-  [ -f .study/compile-cache.tgz ] && mkdir -p /tmp/product/cache && tar -xzf .study/compile-cache.tgz -C /tmp/product/cache
-  echo "restored the carried study: $(du -sh /tmp/product | cut -f1) ($(ls /tmp/product/cache 2>/dev/null | tr '\n' ' '))"
+  mkdir -p /tmp/product/cache && tar -xzf .study/product-study.tgz -C /tmp product || return 1
+  # Pieces of at most 15 MB (what $OUT brings back a file), joined again: product/studies/*/baseline-*.json
+  # and vLLM's compile cache.
+  ls .study/baseline.tgz* > /dev/null 2>&1 && cat .study/baseline.tgz* | tar -xzf - -C /tmp
+  ls .study/compile-cache.tgz* > /dev/null 2>&1 && cat .study/compile-cache.tgz* | tar -xzf - -C /tmp/product/cache
+  echo "restored the carried study: $(du -sh /tmp/product | cut -f1) ($(ls /tmp/product/studies/*/ | grep -c baseline-) baseline files)"
 }
 
 product() {  # TRIALS [run options...]: the product's own pipeline on the twin (issue 8)
@@ -205,8 +244,11 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
 
 # Issue 25's study: the L4 space on the full-size twin, the seeds first, grown across machines. Its
 # options are fixed here, so that every session resumes the same study (a changed option is refused).
-L4_STUDY=(--study l4-twin --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
-          --set serve.attention_backend=TRITON_ATTN)
+# l4-twin (2026-12-06, 5 trials) sent 64 distinct prompts 8 times each: seeds with prefix caching on hit
+# it for 86% of their prompt tokens, which no evaluation would; l4-twin-v2 sends 512 distinct prompts.
+# On a twin the fidelity score gates nothing (gate 0): 16 teacher-forced items record it for less.
+L4_STUDY=(--study l4-twin-v2 --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
+          --set serve.attention_backend=TRITON_ATTN --set workload.fidelity_items=16)
 
 l4study() {  # TRIALS: resume (or begin) issue 25's study, restoring what .study/ carries
   product "${1:-30}" "${L4_STUDY[@]}"
