@@ -475,8 +475,14 @@ def cmd_status(args) -> int:
         if best["is_reference"]:
             from search.dedupe import REFERENCE_IS_BEST
             print(f"  {REFERENCE_IS_BEST}")
-        for key, value in sorted((best["config"] or {}).items()):
-            print(f"  {key} = {value}")
+        # What the search found is what differs from the reference; the rest is the study's own settings.
+        reference = study.user_attrs.get("baseline", {}).get("reference") or {}
+        changed = {k: v for k, v in (best["config"] or {}).items() if reference.get(k, object()) != v}
+        if reference:
+            print(f"  settings that differ from the reference ({len(changed)}; `search show {best['trial']}` "
+                  "has them all):" if changed else "  the reference's own settings")
+        for key, value in sorted(changed.items()):
+            print(f"  {key} = {value}" + (f"  (reference: {reference[key]})" if key in reference else ""))
     print("\n".join(bill.describe(search_bill)))
     return 0
 

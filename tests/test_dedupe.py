@@ -127,3 +127,18 @@ def test_status_says_when_the_best_feasible_trial_is_the_reference(tmp_path, cap
     assert cli.main(["status", "--study", "ref", "--storage", url]) == 0
     out = capsys.readouterr().out
     assert "best feasible: trial 3" in out and dedupe.REFERENCE_IS_BEST not in out
+
+
+def test_status_shows_the_best_trials_settings_that_differ_from_the_reference(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = study_mod.open_study("diff", url)
+    reference = {"compress.scheme": "none", "serve.max_num_seqs": 64, "workload.verbosity": "model"}
+    study.set_user_attr("baseline", {"reference": reference})
+    study.add_trial(optuna.trial.create_trial(value=1.5, user_attrs={
+        "metrics": {"recovery_mean": 0.9}, "feasible": True, "energy_source": "nvml",
+        "config": {**reference, "compress.scheme": "fp8", "serve.max_num_seqs": 128}}))
+    assert cli.main(["status", "--study", "diff", "--storage", url]) == 0
+    out = capsys.readouterr().out
+    assert "settings that differ from the reference (2;" in out
+    assert "  compress.scheme = fp8  (reference: none)" in out and "serve.max_num_seqs = 128  (reference: 64)" in out
+    assert "workload.verbosity" not in out  # the reference's own setting: not what the search found
