@@ -74,6 +74,8 @@ def vllm_config(serve: ServeConfig, compress: CompressionConfig, max_batch: int 
         args["attention-backend"] = serve.attention_backend
     if serve.max_num_batched_tokens is not None:
         args["max-num-batched-tokens"] = serve.max_num_batched_tokens
+    if serve.skip_mm_profiling:  # only when on: older --config loaders know no --no- form of it
+        args["skip-mm-profiling"] = True
     if not serve.enforce_eager and serve.cudagraph_capture == "workload":
         # No decode batch is larger than this; vLLM's default captures up to twice max_num_seqs.
         largest = min(serve.max_num_seqs, max_batch or serve.max_num_seqs, serve.max_num_batched_tokens or 512)

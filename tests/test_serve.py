@@ -39,6 +39,9 @@ def test_vllm_config_matches_engine_argument_names():
     assert default["no-enable-prefix-caching"] is True and default["mm-processor-cache-gb"] == 0.0
     assert args["mm-processor-kwargs"] == {"max_soft_tokens": config.serve.image_soft_tokens}
     assert (args["quantization"], args["load-format"]) == ("bitsandbytes", "bitsandbytes")
+    # vLLM's --skip-mm-profiling (a shorter start), written only when a study turns it on.
+    assert _engine(skip_mm_profiling=True)["skip-mm-profiling"] is True
+    assert not any("skip-mm-profiling" in key for key in default)
 
 
 def test_cudagraph_capture_sizes_are_bounded_by_the_workload_and_the_compile_cache_lives_in_the_tools():
