@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shlex
 import shutil
 import warnings
@@ -57,12 +58,33 @@ def _rebuild_command(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> st
     return f"python -m search compress --model {shlex.quote(study.user_attrs.get('model', 'MODEL'))} {sets} --out CHECKPOINT"
 
 
-def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Path | None) -> dict[str, Any]:
+# vLLM's start-up line giving the KV cache it sized (gpu_worker.py), in the trial's server log.
+_KV_CACHE_LINE = re.compile(r"Available KV cache memory: ([0-9.]+) GiB")
+
+
+def kv_cache_bytes(server_log: Path) -> int | None:
+    """The KV cache the trial's server had, from its log (the last start's), or None."""
+    if not server_log.exists():
+        return None
+    found = _KV_CACHE_LINE.findall(server_log.read_text(errors="replace"))
+    return int(float(found[-1]) * 2**30) if found else None
+
+
+def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Path | None,
+               kv_cache: int | None = None) -> dict[str, Any]:
     """A trial's engine arguments plus its request-level settings as the server's defaults, so that a
     request naming only its messages is answered as the trial's were: the verbosity's system turn
     (a chat template that adds it), thinking (default chat-template kwargs), max_tokens and the
-    decoding policy (vLLM's generation-config override). Per-request seeds are not deployable."""
+    decoding policy (vLLM's generation-config override). Per-request seeds are not deployable.
+
+    Under serve.memory_budget_gib the trial's gpu-memory-utilization is the budget's share of the
+    card it ran on (0.25 of an 80 GiB H100 for 20 GiB), which on the card it is meant for (an L4)
+    would leave vLLM a few GiB: the KV cache the trial had (`kv_cache`, bytes) is written instead,
+    which means the same capacity on any card that holds the model and it."""
     config = {**flatten(TrialConfig()), **config}  # a record may hold only the options it set
+    if config.get("serve.memory_budget_gib") and kv_cache:
+        engine = {k: v for k, v in engine.items() if k != "gpu-memory-utilization"}
+        engine["kv-cache-memory-bytes"] = kv_cache
     sampling = {"temperature": 0.0} if config["workload.decoding"] == "greedy" else {
         "temperature": config["workload.temperature"], "top_p": config["workload.top_p"],
         "top_k": config["workload.top_k"]}
@@ -91,15 +113,23 @@ def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
         for name in ("recipe.yaml", "chat_template.jinja"):
             if (workdir / name).exists():
                 shutil.copy2(workdir / name, folder / name)
+        kv_cache = kv_cache_bytes(workdir / "server.log")
         if (workdir / "vllm_config.yaml").exists():
             template = folder / "chat_template.jinja"
             engine = deployable(yaml.safe_load((workdir / "vllm_config.yaml").read_text()),
-                                t.user_attrs.get("config", {}), template.resolve() if template.exists() else None)
+                                t.user_attrs.get("config", {}), template.resolve() if template.exists() else None,
+                                kv_cache)
             (folder / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
+        budget = t.user_attrs.get("config", {}).get("serve.memory_budget_gib")
+        measured_on = f"measured on {t.user_attrs.get('gpu') or 'an unrecorded device'}" + (
+            f" under a {budget:g} GiB memory budget" + (
+                f"; vllm_config.yaml pins the KV cache it had, {kv_cache / 2**30:.2f} GiB (kv-cache-memory-bytes), "
+                "so the same capacity on the card it is meant for" if kv_cache else
+                "; its server log gives no KV-cache size: set gpu-memory-utilization for your card") if budget else "")
         (folder / "README.md").write_text(
             f"# Trial {t.number} ({'feasible' if point.feasible else 'infeasible'})\n\n"
             f"energy {point.energy:.6g} J/request ({row['energy_source']}; the {row['job']}), "
-            f"mean recovery {point.recovery:.4f}\n\n"
+            f"mean recovery {point.recovery:.4f}, {measured_on}\n\n"
             "Rebuild the checkpoint (recipe.yaml holds the exact llmcompressor recipe):\n\n"
             f"    {_rebuild_command(t, study)}\n\n"
             "Serve it as the trial did (its system turn, thinking, max_tokens and sampling are the server's "

@@ -1,6 +1,7 @@
 import json
 
 import optuna
+import yaml
 
 from search.export import Point, export, figures, pareto_front
 
@@ -37,3 +38,26 @@ def test_export_writes_front_and_deployables(tmp_path):
         assert "vllm serve" in (folder / "README.md").read_text()
     made = figures(study, tmp_path / "fig")
     assert made["pareto"].stat().st_size > 0 and made["history"].stat().st_size > 0
+
+
+def test_an_export_under_a_memory_budget_pins_the_kv_cache_it_had_not_the_hosts_share(tmp_path):
+    """20 GiB of an 80 GiB H100 is utilization 0.25; on a 24 GB L4 that would leave vLLM 6 GB. The
+    export writes the KV cache the trial's server sized instead, which means the same on either card."""
+    workdir = tmp_path / "trial-0"
+    workdir.mkdir()
+    (workdir / "vllm_config.yaml").write_text("gpu-memory-utilization: 0.2511\nmax-num-seqs: 64\n")
+    (workdir / "server.log").write_text(
+        "(EngineCore pid=1) INFO 12-06 17:25:12 [gpu_worker.py:560] Available KV cache memory: 9.65 GiB\n")
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_categorical("compress.scheme", ["none"])
+    for key, value in {"workdir": str(workdir), "feasible": True, "energy_source": "nvml", "gpu": "NVIDIA H100 80GB HBM3",
+                       "metrics": {"recovery_mean": 1.0},
+                       "config": {"compress.scheme": "none", "serve.memory_budget_gib": 20.0}}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, 25.5)
+    export(study, tmp_path / "front")
+    engine = yaml.safe_load((tmp_path / "front" / "trial-0000" / "vllm_config.yaml").read_text())
+    assert "gpu-memory-utilization" not in engine and engine["kv-cache-memory-bytes"] == int(9.65 * 2**30)
+    readme = (tmp_path / "front" / "trial-0000" / "README.md").read_text()
+    assert "measured on NVIDIA H100 80GB HBM3 under a 20 GiB memory budget" in readme and "9.65 GiB" in readme
