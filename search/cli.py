@@ -1,4 +1,4 @@
-"""Command line: `python -m search run|status|show|export|compress|make-toy`.
+"""Command line: `python -m search run|status|show|export|compress|make-toy|make-twin`.
 
 Everything that can be wrong with the input (options, space file, presets, model path, storage
 URL, environments) is checked before any model is touched, and reported as one line.
@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("make-toy", help="write the embedded toy Gemma 4 checkpoint")
     toy.add_argument("out", type=Path)
     toy.add_argument("--seed", type=int, default=0)
+
+    twin = sub.add_parser("make-twin", help="write a full-size random-weight twin of Gemma 4 E4B (about 16 GB; a GPU builds it fastest)")
+    twin.add_argument("--out", type=Path, required=True, help="checkpoint folder (one holding a complete twin is kept)")
+    twin.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                      help="where the weights are made (default: cuda when there is one)")
+    twin.add_argument("--toy", action="store_true", help="the same structure at toy size (a CPU rehearsal)")
     return parser
 
 
@@ -404,6 +410,9 @@ def cmd_run(args) -> int:
     try:
         try:
             fingerprint = model_fingerprint(model, cache.root / "fingerprints")
+            # A study resumed on another machine must serve the same weights (a twin rebuilt differently
+            # would be scored against another baseline): the fingerprint is part of what defines it.
+            study_mod.check_definition(study, {"model_fingerprint": fingerprint})
             started = time.perf_counter()
             try:
                 baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
@@ -533,12 +542,19 @@ def cmd_make_toy(args) -> int:
     return 0
 
 
+def cmd_make_twin(args) -> int:
+    from search.twin import build
+    print(json.dumps(build(args.out, device=args.device, toy=args.toy)), flush=True)
+    print(args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The terminal shows the product's own lines: not Optuna's notes on its experimental options.
     warnings.filterwarnings("ignore", message=r".*(is experimental|an experimental feature)")
     handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
-                "compress": cmd_compress, "make-toy": cmd_make_toy}
+                "compress": cmd_compress, "make-toy": cmd_make_toy, "make-twin": cmd_make_twin}
     from search.config import ConfigError
     try:
         return handlers[args.command](args)
