@@ -3,16 +3,14 @@
 Runs on the GPU machine (bench/gpu/stage_and_run.sh starts it); every stage has its own
 subcommand and interpreter environment, because llmcompressor and vLLM cannot share one:
 
-  build     (compression env)  the twin: E4B's text decoder (field notes' config values) + a vision
-                               tower like E4B's (Gemma4VisionConfig defaults: 768 wide, 16 layers,
-                               ~150M parameters; 280 soft tokens an image); no audio tower. Built in
-                               bf16 directly on the GPU from a fixed seed, saved with a tokenizer
-                               (262144 entries), chat template and image processor, then completed
-                               in the layout vLLM 0.26 loads (search.models.gemma4).
+  twin      (compression env)  the product's `python -m search make-twin` (search/twin.py), run
+                               by drive first: E4B's config values, random bf16 weights made on the
+                               GPU from a fixed seed, tokenizer of 262144 entries, processor, and the
+                               KV-shared layers' completion vLLM 0.26 loads.
   compress  (compression env)  one checkpoint per configuration through the product's compression
                                stage (search.compress.compress: recipe, pipeline, calibration, its
                                worker process, cache), whose worker builds the same seeded twin on the
-                               GPU (twin_for_compression) instead of loading the base's weights.
+                               GPU (search.twin.twin_for_compression) instead of loading the base's weights.
   drive     (image python)     orchestrates: build, compression in a child process (GPU work under a
                                file lock, so nothing else runs on the GPU during a measured window),
                                then for every configuration a vLLM server from search.serve
@@ -45,41 +43,11 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SEED = 0
 GiB = 1024**3
 
-# --------------------------------------------------------------------------------------------
-# The twin: Gemma 4 E4B's public config values (shared/field-notes.md).
-
-LAYER_TYPES = (["sliding_attention"] * 5 + ["full_attention"]) * 7
-FULL_TEXT = dict(
-    vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size=2560, intermediate_size=10240,
-    num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
-    global_head_dim=512, num_kv_shared_layers=18, hidden_size_per_layer_input=256,
-    layer_types=LAYER_TYPES, sliding_window=512, final_logit_softcapping=30.0,
-    max_position_embeddings=131072, tie_word_embeddings=True,
-    rope_parameters={
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "full_attention": {"rope_type": "proportional", "rope_theta": 1000000.0,
-                           "partial_rotary_factor": 0.25},
-    },
-    pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.02,
-)
-SOFT_TOKENS = 280  # E4B's default image budget
-# transformers 5.17's Gemma4VisionConfig defaults are E4B's encoder (~150M parameters);
-# vLLM sizes image placeholders from default_output_length, which must equal the processor's budget.
-FULL_VISION = dict(default_output_length=SOFT_TOKENS)
-
-# Local rehearsal on a CPU: the same structure at toy size.
-TOY_TEXT = dict(FULL_TEXT, vocab_size=4096, vocab_size_per_layer_input=4096, hidden_size=128,
-                intermediate_size=512, num_hidden_layers=12, num_attention_heads=2,
-                num_key_value_heads=1, head_dim=64, global_head_dim=128, num_kv_shared_layers=4,
-                hidden_size_per_layer_input=128,
-                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 2,
-                sliding_window=128, max_position_embeddings=4096)
-TOY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=2, head_dim=32, position_embedding_size=1024,
-                  default_output_length=SOFT_TOKENS)
+# The twin is the product's (`python -m search make-twin`, search/twin.py); its values are read here
+# for the serving settings and floor_ratio.py.
+from search.twin import FULL_TEXT, FULL_VISION, SOFT_TOKENS, TOY_TEXT, TOY_VISION  # noqa: E402,F401
 
 # --------------------------------------------------------------------------------------------
 # The configurations: the project's seed presets (spaces/presets/seeds.yaml), compression as the
@@ -131,7 +99,7 @@ SERVER_ENV = {
 }
 WARMUP_TOKENS = 32  # a warm-up answer: enough to run every kernel, short to save the budget
 # What the compression worker calls instead of loading the base (search.compress.worker.load_model).
-TWIN_FACTORY = "bench.gpu.bench_seeds:twin_for_compression"
+TWIN_FACTORY = "search.twin:twin_for_compression"
 
 
 def trial_config(name: str, override: dict | None = None):
@@ -157,137 +125,6 @@ def bench_workload(args, n_prompts: int) -> dict:
     return {"workload.n_requests": n_prompts, "workload.warmup_requests": n_prompts,
             "workload.concurrency": args.concurrency, "workload.max_tokens": args.max_tokens,
             "workload.ignore_eos": True, "workload.quality": "labels"}
-
-
-# --------------------------------------------------------------------------------------------
-# Build (compression environment: transformers 5.17, torch)
-
-
-def build_tokenizer(vocab_size: int):
-    """The toy's BPE tokenizer (Gemma 4's special tokens and chat template), grown to vocab_size
-    entries with never-produced filler tokens, so ids span the whole embedding table."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from search.toy_model import CHAT_TEMPLATE, NAMED_TOKENS, build_tokenizer as toy_tokenizer
-
-    small = toy_tokenizer(Path("."))
-    state = json.loads(small.backend_tokenizer.to_str())
-    vocab = state["model"]["vocab"]
-    n = small.backend_tokenizer.get_vocab_size(with_added_tokens=True)
-    used = set(vocab.values()) | {t["id"] for t in state.get("added_tokens", [])}
-    for i in range(n, vocab_size):
-        if i not in used:
-            vocab[f"<fill{i}>"] = i
-    tok = Tokenizer.from_str(json.dumps(state))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", mask_token="<mask>", extra_special_tokens=NAMED_TOKENS,
-        model_max_length=131072,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    assert len(fast) == vocab_size, (len(fast), vocab_size)
-    return fast
-
-
-def twin_config(tokenizer, toy: bool):
-    from transformers import Gemma4Config
-
-    from search.toy_model import NAMED_TOKENS
-
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in NAMED_TOKENS.items()}
-    return Gemma4Config(
-        text_config=TOY_TEXT if toy else FULL_TEXT, vision_config=TOY_VISION if toy else FULL_VISION,
-        audio_config=None, boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"],
-        image_token_id=ids["image_token"], video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
-        boa_token_id=ids["boa_token"], eoa_token_index=ids["eoa_token"], audio_token_id=ids["audio_token"],
-        tie_word_embeddings=True, initializer_range=0.02,
-    )
-
-
-def build_model(config, device: str):
-    """The seeded random twin in bf16, created and initialised on `device` (no CPU copy)."""
-    import torch
-    from transformers import Gemma4ForConditionalGeneration
-
-    torch.manual_seed(SEED)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Gemma4ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    model.generation_config.do_sample = False
-    return model
-
-
-def twin_for_compression(base: Path, device_map: str | None):
-    """The twin the compression worker compresses (TWIN_FACTORY): rebuilt from the base's config and
-    the seed on the compression device, the same weights as the base's files without reading them."""
-    from transformers import Gemma4Config
-
-    model = build_model(Gemma4Config.from_pretrained(base), device_map or "cpu")
-    model.config.name_or_path = str(base)  # oneshot re-reads the config from disk to validate the model
-    return model
-
-
-def param_counts(model) -> dict[str, float]:
-    total = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for n, p in model.named_parameters() if "vision" in n)
-    per_layer_emb = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens_per_layer" in n)
-    return {"params_total": total, "params_vision": vision, "params_embed_per_layer": per_layer_emb}
-
-
-def device_of_choice() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cmd_build(args) -> None:
-    import torch
-
-    from search.models.gemma4 import complete_kv_shared
-    from search.toy_model import save_processor
-
-    root = Path(args.root)
-    base = root / "base"
-    if (base / "BUILD_OK").exists():
-        print("base exists", flush=True)
-        return
-    shutil.rmtree(base, ignore_errors=True)
-    t0 = time.perf_counter()
-    tokenizer = build_tokenizer((TOY_TEXT if args.toy else FULL_TEXT)["vocab_size"])
-    config = twin_config(tokenizer, args.toy)
-    t1 = time.perf_counter()
-    device = device_of_choice()
-    model = build_model(config, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    counts = param_counts(model)
-    # Sanity: one short forward pass gives finite logits.
-    with torch.no_grad():
-        ids = torch.tensor([tokenizer("<|turn>user\nWhat is the total?<turn|>\n<|turn>model\n")["input_ids"]],
-                           device=device)
-        logits = model(input_ids=ids).logits
-    finite = bool(torch.isfinite(logits).all())
-    t3 = time.perf_counter()
-    model.save_pretrained(base, max_shard_size="4GB")
-    tokenizer.save_pretrained(base)
-    save_processor(base, tokenizer, SOFT_TOKENS)
-    added = complete_kv_shared(base)
-    t4 = time.perf_counter()
-    size = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
-    stats = {**counts, "logits_finite": finite, "tokenizer_s": t1 - t0, "build_s": t2 - t1,
-             "forward_s": t3 - t2, "save_s": t4 - t3, "size_bytes": size, "device": device,
-             "kv_shared_tensors_added": len(added), "torch": torch.__version__}
-    import transformers
-    stats["transformers"] = transformers.__version__
-    (base / "build_stats.json").write_text(json.dumps(stats, indent=2))
-    (base / "BUILD_OK").write_text("ok\n")
-    print(json.dumps(stats), flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,8 +511,8 @@ def cmd_drive(args) -> None:
 
     # 1. The twin.
     tb = time.perf_counter()
-    rc = run_child(me + ["build", "--root", str(root)] + (["--toy"] if args.toy else []),
-                   args.site_llmc + os.pathsep + str(REPO), out / "compress.log")
+    rc = run_child([args.compress_python, "-m", "search", "make-twin", "--out", str(root / "base")]
+                   + (["--toy"] if args.toy else []), args.site_llmc + os.pathsep + str(REPO), out / "compress.log")
     if rc != 0 or not (root / "base" / "BUILD_OK").exists():
         log.record("fatal", error=f"build failed (rc {rc}); see compress.log")
         print("[drive] build FAILED; see compress.log", flush=True)
@@ -800,9 +637,6 @@ def spread_of(rows: list[dict]) -> dict | None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("--root", required=True)
-    b.add_argument("--toy", action="store_true")
     c = sub.add_parser("compress")
     c.add_argument("--root", required=True)
     c.add_argument("--names", required=True)
@@ -830,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--engine-override", default="", help="JSON merged into the engine arguments")
     d.add_argument("--keep", action="store_true", help="keep compressed checkpoints after serving")
     args = p.parse_args(argv)
-    {"build": cmd_build, "compress": cmd_compress, "drive": cmd_drive}[args.cmd](args)
+    {"compress": cmd_compress, "drive": cmd_drive}[args.cmd](args)
 
 
 if __name__ == "__main__":

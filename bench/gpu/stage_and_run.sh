@@ -161,8 +161,8 @@ stage() {
       mkdir -p "$S/rest" && tar -C "$S/rest" -xf "$S/rest.tar" && rm -f "$S/rest.tar"
       if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-vllm \
           "$S"/early/common/*.whl "$S"/rest/bnb/*.whl "$S"/rest/plugin/*.whl "$S"/rest/vllm/*.whl >> "$S/stage.log" 2>&1 \
-        && cp bench/gpu/vllm_gemma4_compat.py /tmp/site-vllm/sitecustomize.py \
-        && PYTHONPATH=/tmp/site-vllm python3 -c "import vllm, bitsandbytes, compressed_tensors, sys; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__, 'compressed-tensors', compressed_tensors.__version__, 'gemma4 shim', any(type(h).__name__ == '_Hook' for h in sys.meta_path))" 2>&1 | tail -3; then
+        && bash plugins/vllm_gemma4_compat/install.sh --target /tmp/site-vllm >> "$S/stage.log" 2>&1 \
+        && PYTHONPATH=/tmp/site-vllm python3 -c "import vllm, bitsandbytes, compressed_tensors, sys; print('vllm', vllm.__version__, 'bitsandbytes', bitsandbytes.__version__, 'compressed-tensors', compressed_tensors.__version__, 'gemma4 shim', any(type(h).__name__ == 'Gemma4ConfigHook' for h in sys.meta_path))" 2>&1 | tail -3; then
         touch "$S/vllm.ok"
       else
         tail -20 "$S/stage.log" | tee "$S/vllm.failed"
@@ -217,8 +217,8 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   printf '#!/bin/sh\nPYTHONPATH=/tmp/site-vllm:%s exec python3 "$@"\n' "$CODE" > /tmp/py-serve
   printf '#!/bin/sh\nPYTHONPATH=/tmp/site-llmc:%s exec python3 "$@"\n' "$CODE" > /tmp/py-compress
   chmod +x /tmp/py-serve /tmp/py-compress
-  [ -f /tmp/bench/base/BUILD_OK ] || PYTHONPATH="/tmp/site-llmc:$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" build \
-    --root /tmp/bench >> "$OUTDIR/compress.log" 2>&1 || { echo "twin build failed"; tail -5 "$OUTDIR/compress.log"; return 1; }
+  [ -f /tmp/bench/base/BUILD_OK ] || (cd "$CODE" && PYTHONPATH="/tmp/site-llmc:$CODE" python3 -m search make-twin \
+    --out /tmp/bench/base) >> "$OUTDIR/compress.log" 2>&1 || { echo "twin build failed"; tail -5 "$OUTDIR/compress.log"; return 1; }
   # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed
   # and the request-level length knobs pinned (on a twin they only cut tokens); a later --set wins.
   # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
@@ -259,9 +259,11 @@ twin() {  # the twin's build in the background (compression env), while the othe
   [ -f /tmp/bench/base/BUILD_OK ] && { echo "twin already built"; return 0; }
   local code=/tmp/twin-code  # its own copy: startbench replaces $CODE
   rm -rf "$code" && mkdir -p "$code/bench" && cp -r search objectives spaces "$code/" && cp -r bench/gpu "$code/bench/"
-  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-llmc:$code" python3 "$code/bench/gpu/bench_seeds.py" build \
-    --root /tmp/bench > "$OUTDIR/twin-build.log" 2>&1 < /dev/null &
+  cd "$code" || return 1  # python -m puts the current folder first: the copy's, not the working tree's
+  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-llmc:$code" python3 -m search make-twin \
+    --out /tmp/bench/base > "$OUTDIR/twin-build.log" 2>&1 < /dev/null &
   echo "twin build started (pid $!)"
+  cd "$OLDPWD" || return 1
 }
 
 startbench() {  # [server_start.py drive options]: issue 20's server-start breakdown (bench/gpu/server_start.py)

@@ -1,7 +1,10 @@
-"""sitecustomize for the serving environment: vLLM 0.26.0 reads Gemma 4 configs that transformers 5.17 makes.
+"""Start-up fix of the serving environment: vLLM 0.26.0 reads Gemma 4 configs that transformers 5.17 makes.
 
-Installed by stage_and_run.sh as /tmp/site-vllm/sitecustomize.py, so every process of the vLLM
-server (PYTHONPATH=/tmp/site-vllm) runs it at start-up.
+Installed into every serving environment by `install.sh` beside this file: `setup.sh` puts this
+module and `vllm_gemma4_compat.pth` (one `import vllm_gemma4_compat` line) into `.venvs/serve`'s
+site-packages, CPU and GPU builds alike, so every Python process of that environment runs it at
+start; `bench/gpu/stage_and_run.sh` installs it the same way into `/tmp/site-vllm`, a PYTHONPATH
+folder, where Python reads no `.pth` file, so there a `sitecustomize.py` holds the same line.
 
 Why: transformers 5.17 turns Gemma4TextConfig's `global_head_dim` into a per-layer override
 (`per_layer_config = {"05": {"head_dim": 512}, ...}`, the heterogeneous-config machinery); it keeps
@@ -27,7 +30,7 @@ _TARGET = "transformers.models.gemma4.configuration_gemma4"
 
 def _patch(module) -> None:
     cls = getattr(module, "Gemma4TextConfig", None)
-    if cls is None or getattr(cls, "_bench_gemma4_compat", False):
+    if cls is None or getattr(cls, "_energy_search_gemma4_compat", False):
         return
     original = cls.__post_init__
 
@@ -49,10 +52,12 @@ def _patch(module) -> None:
             self.__dict__["global_head_dim"] = int(global_head_dim)
 
     cls.__post_init__ = __post_init__
-    cls._bench_gemma4_compat = True
+    cls._energy_search_gemma4_compat = True
 
 
-class _Hook(importlib.abc.MetaPathFinder):
+class Gemma4ConfigHook(importlib.abc.MetaPathFinder):
+    """Patches Gemma4TextConfig when its module is first imported (the only module it looks at)."""
+
     def find_spec(self, name, path, target=None):
         if name != _TARGET:
             return None
@@ -70,7 +75,14 @@ class _Hook(importlib.abc.MetaPathFinder):
         return spec
 
 
+def installed() -> bool:
+    """Whether this process carries the fix: the hook is on sys.meta_path, or the module is patched."""
+    module = sys.modules.get(_TARGET)
+    return any(isinstance(h, Gemma4ConfigHook) for h in sys.meta_path) or bool(
+        module is not None and getattr(getattr(module, "Gemma4TextConfig", None), "_energy_search_gemma4_compat", False))
+
+
 if _TARGET in sys.modules:
     _patch(sys.modules[_TARGET])
 else:
-    sys.meta_path.insert(0, _Hook())
+    sys.meta_path.insert(0, Gemma4ConfigHook())
