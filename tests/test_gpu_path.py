@@ -49,12 +49,29 @@ def test_the_stager_installs_the_same_file_into_a_pythonpath_folder(tmp_path, ma
     assert not (PROJECT / "bench" / "gpu" / "vllm_gemma4_compat.py").exists()
 
 
+ROUND_TRIP = ("from transformers import Gemma4TextConfig; from search.toy_model import TEXT_CONFIG; "
+              "c = Gemma4TextConfig.from_dict(Gemma4TextConfig(**TEXT_CONFIG).to_dict()); "
+              "print(c.head_dim, getattr(c, 'global_head_dim', None))")
+
+
 def test_the_fix_makes_gemma4_head_dims_plain_attributes(serve_python):
-    code = ("from transformers import Gemma4TextConfig; from search.toy_model import TEXT_CONFIG; "
-            "c = Gemma4TextConfig(**TEXT_CONFIG); print(c.head_dim, c.global_head_dim)")
-    out = subprocess.run([serve_python, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True,
+    out = subprocess.run([serve_python, "-c", ROUND_TRIP], cwd=PROJECT, capture_output=True, text=True, check=True,
                          timeout=120)
     assert out.stdout.split() == ["64", "128"]
+
+
+def test_the_fix_gives_transformers_5_17_configs_their_global_head_dim(tmp_path, main_python):
+    # transformers 5.17 (.venvs/main's, and the GPU image's under vLLM 0.26) refuses a plain read of
+    # head_dim once a config has been through its per-layer conversion, and keeps no global_head_dim:
+    # vLLM 0.26 reads both as attributes.
+    subprocess.run(["bash", str(COMPAT / "install.sh"), "--target", str(tmp_path)], check=True,
+                   capture_output=True, timeout=60)
+    run = [main_python, "-c", "import transformers; assert transformers.__version__.startswith('5.17'); " + ROUND_TRIP]
+    bare = subprocess.run(run, cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    fixed = subprocess.run(run, cwd=PROJECT, capture_output=True, text=True, check=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert bare.returncode != 0 and "AmbiguousGlobalPerLayerAttributeError" in bare.stderr
+    assert fixed.stdout.split() == ["64", "128"]
 
 
 def test_make_twin_writes_a_checkpoint_the_family_loader_takes(tmp_path, serve_python):
