@@ -14,6 +14,10 @@
 #       On a machine of several GPUs, `run` on GPU 0 and a `search worker` on each other GPU, one study.
 #   bash bench/gpu/stage_and_run.sh l4study [TRIALS]
 #       `product` with issue 25's study options (L4_STUDY below), resuming the study that .study/ carries.
+#   bash bench/gpu/stage_and_run.sh client TRIAL [client_replay.py options]
+#       After every part is staged, on the study `product`/`l4study` ran (or .study/ carries):
+#       bench/client_replay.py, vLLM's own client (`vllm bench serve`) on that trial's vllm_config.yaml,
+#       NVML around it, in the background; `wait` follows it and brings back client-replay.json.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
 #
@@ -50,6 +54,9 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
   [ -f "$S/startbench" ] && { collect_start; return 0; }
   for f in results.md results.jsonl env.json driver.log compress.log product.log; do
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
+  done
+  for f in client-replay.json client.log; do  # a `client` run's, until a product run writes after it
+    [ -f "$OUTDIR/$f" ] && [ "$OUTDIR/$f" -nt "$OUTDIR/product.log" ] && cp "$OUTDIR/$f" "$OUT/"
   done
   ls "$OUTDIR"/product-gpu*.log > /dev/null 2>&1 && tail -n +1 "$OUTDIR"/product-gpu*.log > "$OUT/product-workers.log"
   # stage.log only until the product has a study: after that the study needs the slots
@@ -183,6 +190,7 @@ stage() {
 wait_for() {
   local limit=${1:-540} t0=$SECONDS last=0 log="$OUTDIR/driver.log"
   [ -f "$OUTDIR/product.log" ] && log="$OUTDIR/product.log"
+  [ -f "$OUTDIR/client.log" ] && [ "$OUTDIR/client.log" -nt "$log" ] && log="$OUTDIR/client.log"
   while driver_running && [ $((SECONDS - t0)) -lt "$limit" ]; do
     sleep 5
     n=$(wc -l < "$log" 2>/dev/null || echo 0)
@@ -282,6 +290,30 @@ startbench() {  # [server_start.py drive options]: issue 20's server-start break
   echo "startbench started (pid $(cat "$S/driver.pid")): $*; follow it with: wait SECONDS"
 }
 
+client() {  # TRIAL [client_replay.py options]: vLLM's own client on a finished trial (issue 25 item 1)
+  local trial=${1:?usage: client TRIAL_NUMBER [client_replay.py options]}; shift
+  [ -f "$S/vllm.ok" ] || { echo "stage every part first (no $S/vllm.ok)"; return 1; }
+  driver_running && { echo "a run is going on (pid $(cat "$S/driver.pid")): wait for it first"; return 1; }
+  restore_study
+  [ -f /tmp/product/optuna.db ] || { echo "no study under /tmp/product (run product or l4study, or carry .study/)"; return 1; }
+  [ -f /tmp/bench/base/BUILD_OK ] || { echo "no twin at /tmp/bench/base: run the twin verb first, then client"; return 1; }
+  rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/" \
+    && cp bench/client_replay.py "$CODE/bench/"
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-vllm:%s exec python3 "$@"\n' "$CODE" > /tmp/py-serve
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-llmc:%s exec python3 "$@"\n' "$CODE" > /tmp/py-compress
+  chmod +x /tmp/py-serve /tmp/py-compress
+  local study; study=$(cat "$S/study" 2>/dev/null || echo "${L4_STUDY[1]}")
+  # Not in a ( subshell ), and from the copy: see product().
+  cd "$CODE" || return 1
+  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" CUDA_DEVICE_ORDER=PCI_BUS_ID \
+    CUDA_VISIBLE_DEVICES=0 python3 bench/client_replay.py --home /tmp/product --study "$study" --trial "$trial" \
+    --serve-python /tmp/py-serve --compress-python /tmp/py-compress --workdir /tmp/client-replay \
+    --out "$OUTDIR/client-replay.json" "$@" > "$OUTDIR/client.log" 2>&1 < /dev/null &
+  echo $! > "$S/driver.pid"
+  cd "$OLDPWD" || return 1
+  echo "client replay of trial $trial of study $study started (pid $(cat "$S/driver.pid")); follow it with: wait SECONDS"
+}
+
 cmd=${1:-stage}; shift || true
 case "$cmd" in
   stage) stage "$@" ;;
@@ -289,6 +321,7 @@ case "$cmd" in
   l4study) l4study "$@" ;;
   twin) twin "$@" ;;
   startbench) startbench "$@" ;;
+  client) client "$@" ;;
   wait) wait_for "$@" ;;
   *) echo "usage: $0 stage [drive args] | product [TRIALS [run options]] | wait SECONDS"; exit 2 ;;
 esac
