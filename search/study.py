@@ -279,7 +279,7 @@ class Objective:
         trial.set_user_attr("metrics", {k: v for k, v in outcome.metrics.items() if _finite(v)})
         trial.set_user_attr("feasible", outcome.feasible)
         trial.set_user_attr("energy_source", outcome.tags["energy_source"])
-        trial.set_user_attr("gpu", outcome.tags["gpu"])  # what the export says it was measured on
+        trial.set_user_attr("gpu", outcome.tags.get("gpu"))  # what the export says it was measured on
         # <= 0 is feasible: the samplers read these to prefer configurations that pass the gate.
         trial.set_constraint("recovery_gate", -outcome.metrics["recovery_margin"])
         trial.set_constraint(RUNS_HERE, 0.0)
