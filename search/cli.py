@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="the Pareto front as CSV/JSON with deployable configs")
     _common(export)
     export.add_argument("--out", type=Path, required=True, help="output folder")
+    export.add_argument("--trial", type=int, action="append", dest="trials", metavar="N",
+                        help="export this measured trial instead of the front (repeatable): a point "
+                             "you chose, e.g. one the front leaves out")
 
     comp = sub.add_parser("compress", help="compress one configuration (e.g. an exported Pareto point)")
     comp.add_argument("--model", default=TOY, help=f"'toy', '{REAL}', a local checkpoint folder, or a Hub id")
@@ -506,9 +509,10 @@ def cmd_export(args) -> int:
     from search import study as study_mod
     from search.export import export, figures
     study = study_mod.load_study(args.study, _storage(args))
-    rows = export(study, args.out)
+    rows = export(study, args.out, args.trials)
     figures(study, args.out)
-    print(f"{len(rows)} points ({sum(r['feasible'] for r in rows)} feasible) written to {args.out}")
+    print(f"{len(rows)} {'trials' if args.trials else 'points'} ({sum(r['feasible'] for r in rows)} feasible) "
+          f"written to {args.out}")
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 import yaml
 
-from search.config import TrialConfig, flatten
+from search.config import ConfigError, TrialConfig, flatten
 from search.summaries import measured
 
 
@@ -95,11 +95,20 @@ def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Pa
     return out
 
 
-def export(study: optuna.Study, out_dir: Path) -> list[dict[str, Any]]:
+def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None) -> list[dict[str, Any]]:
+    """The Pareto front, or the measured trials `numbers` in that order, as CSV/JSON and deployables."""
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    chosen = pareto_front(points(study))
+    if numbers is not None:
+        by_trial = {p.trial: p for p in points(study)}
+        missing = [n for n in numbers if n not in by_trial]
+        if missing:
+            raise ConfigError(f"study {study.study_name!r} has no measured trial {missing[0]} "
+                              f"(measured: {sorted(by_trial)})")
+        chosen = [by_trial[n] for n in numbers]
     rows = []
-    for rank, point in enumerate(pareto_front(points(study))):
+    for rank, point in enumerate(chosen):
         t = trials[point.trial]
         row = {"rank": rank, "trial": t.number, "feasible": point.feasible, "energy_j_per_request": point.energy,
                "recovery_mean": point.recovery, "energy_source": t.user_attrs.get("energy_source"),

@@ -1,6 +1,7 @@
 import json
 
 import optuna
+import pytest
 import yaml
 
 from search.export import Point, export, figures, pareto_front
@@ -61,3 +62,18 @@ def test_an_export_under_a_memory_budget_pins_the_kv_cache_it_had_not_the_hosts_
     assert "gpu-memory-utilization" not in engine and engine["kv-cache-memory-bytes"] == int(9.65 * 2**30)
     readme = (tmp_path / "front" / "trial-0000" / "README.md").read_text()
     assert "measured on NVIDIA H100 80GB HBM3 under a 20 GiB memory budget" in readme and "9.65 GiB" in readme
+
+
+def test_a_chosen_trial_is_exported_even_off_the_front_and_an_unmeasured_one_is_refused(tmp_path):
+    study = optuna.create_study()
+    for energy, recovery in ((1.0, 1.0), (2.0, 0.9)):  # the second is dominated: off the front
+        trial = study.ask()
+        trial.suggest_categorical("compress.scheme", ["none"])
+        for key, value in {"workdir": str(tmp_path), "feasible": True, "energy_source": "estimate",
+                           "metrics": {"recovery_mean": recovery}, "config": {"compress.scheme": "none"}}.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, energy)
+    assert [r["trial"] for r in export(study, tmp_path / "front")] == [0]
+    assert [r["trial"] for r in export(study, tmp_path / "chosen", [1])] == [1]
+    with pytest.raises(ValueError, match="no measured trial 7"):
+        export(study, tmp_path / "none", [7])
