@@ -43,7 +43,7 @@ def test_warm_start_runs_the_seed_presets_first(study_home):
     # NF4 needs CUDA: recorded as infeasible with its reason, before any work, as a violated
     # constraint every sampler ranks below the runnable trials.
     assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].user_attrs["infeasible"]
-    assert trials[1].constraints == {"runs_here": 1.0} and trials[1].values == [float("inf")]
+    assert trials[1].constraints == {"recovery_gate": 1.0, "runs_here": 1.0} and trials[1].values == [float("inf")]
     assert "bitsandbytes" in trials[1].user_attrs["reason"]
     assert trials[0].constraints["runs_here"] == 0.0
     seed_001 = trials[2].user_attrs["config"]

@@ -1,5 +1,5 @@
 """An infeasible trial is recorded as the product's Objective records it (complete, value inf, the
-runs_here constraint violated; tests/test_e2e.py checks the recording): every sampler the product
+runs_here and recovery_gate constraints violated; tests/test_e2e.py checks the recording): every sampler the product
 offers then proposes the configurations that cannot run here less and less."""
 
 import math
@@ -20,9 +20,13 @@ def _study(sampler_name: str) -> optuna.Study:
     def objective(trial):
         kv = trial.suggest_categorical("serve.kv_cache_dtype", ["fp8", "auto"])
         scheme = trial.suggest_categorical("compress.scheme", ["w4a16", "none", "fp8_dynamic", "w8a8"])
+        # Every trial carries the same constraint names, as the product's Objective records them
+        # (GP refuses trials whose names differ): an infeasible one violates them all.
         if kv == "fp8" or scheme == "w4a16":  # what an AVX2 CPU cannot run
+            trial.set_constraint("recovery_gate", 1.0)
             trial.set_constraint(RUNS_HERE, 1.0)
             return (math.inf, -math.inf) if multi else math.inf
+        trial.set_constraint("recovery_gate", -0.1)
         trial.set_constraint(RUNS_HERE, 0.0)
         energy = {"none": 3.0, "fp8_dynamic": 2.0, "w8a8": 2.5}[scheme]
         return (energy, 1.0 / energy) if multi else energy
