@@ -247,6 +247,10 @@ class Objective:
         try:
             with interrupts.interruptible():  # a stop signal cuts the trial's work, not its record
                 config = self.space.sample(trial, preset)
+                if trial.user_attrs.get("preset") == REFERENCE_PRESET:
+                    # The reference's own settings, also where the space's fixed ones differ (a space's
+                    # reference section wins for the reference): it prices what the baseline answered.
+                    config = self.space.reference_config()
                 record["params"] = config.flat()
                 trial.set_user_attr("config", record["params"])
                 if not self.repeat_measured:  # raises AlreadyMeasured: answered from that trial, nothing served

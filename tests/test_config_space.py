@@ -354,3 +354,27 @@ def test_the_reference_is_every_studys_first_trial_and_runs_exactly_the_referenc
     assert [t.user_attrs["preset"] for t in study.get_trials()] == ["reference"]  # once per study
     presets = study_mod.with_reference(space, {})
     assert space.sample(study.ask(), presets["reference"]) == space.reference_config()
+
+
+def test_the_reference_trial_keeps_the_reference_settings_where_the_spaces_fixed_ones_differ(tmp_path, monkeypatch):
+    """tests/data/smollm2_e2e_space.yaml fixes a terse system turn and GPTQ for the trials and gives the
+    reference its own (the model's turn, no compression): the reference trial runs the reference's."""
+    from types import SimpleNamespace
+
+    space = space_mod.load(PROJECT / "tests" / "data" / "smollm2_e2e_space.yaml")
+    study = optuna.create_study()
+    study_mod.queue_first_trials(study, space, study_mod.RunOptions(1, None, "none", {}, None))
+    ran = []
+    runtime = SimpleNamespace(workdir=tmp_path, pool=SimpleNamespace(discard=lambda: None), slos={})
+    objective = study_mod.Objective(study, space, runtime, {}, SimpleNamespace(log_trial=lambda record: None),
+                                    study_mod.with_reference(space, {}),
+                                    SimpleNamespace(trial_started=lambda *a: None, trial_finished=lambda *a: None,
+                                                    stage=lambda name: None), False)
+    def run(runtime, config, *args):
+        ran.append(config)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(study_mod.trial_mod, "run", run)
+    study.optimize(objective, n_trials=1, catch=(Exception,))
+    assert ran == [space.reference_config()]
+    assert (ran[0].workload.verbosity, ran[0].compress.scheme) == ("model", "none")
