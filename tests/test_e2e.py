@@ -122,10 +122,10 @@ def test_a_hopeless_trial_is_pruned_by_the_screen_before_any_energy_is_measured(
     """At gate 1.0 only a model identical to the reference can pass: the quality screen (half the
     items, scored before the measured window) prunes an FP8 trial (a scheme every CPU kind runs),
     so no window is measured for it and the windows of other trials are never split."""
-    run_cli(tmp_path, "run", "--trials", "1", "--space", str(SPACE), "--gate", "1.0",
+    run_cli(tmp_path, "run", "--trials", "2", "--space", str(SPACE), "--gate", "1.0",
             "--set", "compress.scheme=fp8_dynamic",
             "--serve-python", serve_python, "--compress-python", main_python)
-    pruned = load(tmp_path).get_trials()[0]
+    pruned = load(tmp_path).get_trials()[1]  # trial 0 is the reference
     assert pruned.state == optuna.trial.TrialState.PRUNED and not pruned.user_attrs["infeasible"]
     assert "can reach at most" in pruned.user_attrs["reason"]
     stages = pruned.user_attrs["stage_times"]
@@ -151,7 +151,8 @@ def test_a_sigtermed_study_leaves_no_process_nothing_running_and_no_secret(tmp_p
              "--set", "compress.scheme=w4a16", "--trials", "2", "--home", str(home),
              "--serve-python", serve_python, "--compress-python", main_python],
             cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        server_log = home / "studies" / "term" / "trial-0000" / "server.log"
+        # Trial 0, the reference, runs on the baseline's server; trial 1 starts its own.
+        server_log = home / "studies" / "term" / "trial-0001" / "server.log"
         deadline = time.monotonic() + 900
         while not server_log.exists() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -168,16 +169,16 @@ def test_a_sigtermed_study_leaves_no_process_nothing_running_and_no_secret(tmp_p
         assert orphans == []
         study = optuna.load_study(study_name="term", storage=url)
         trials = study.get_trials()
-        assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
-        assert trials[0].user_attrs["reason"] == "interrupted (SIGTERM)" and trials[0].user_attrs["interrupted"]
+        assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+        assert trials[1].user_attrs["reason"] == "interrupted (SIGTERM)" and trials[1].user_attrs["interrupted"]
         assert study_mod.retry_interrupted(study) == 1  # what the next run does first
         queued = study.get_trials()[-1]
-        assert queued.state == optuna.trial.TrialState.WAITING and queued.user_attrs["retry_of"] == 0
-        assert queued.system_attrs["fixed_params"] == trials[0].params
+        assert queued.state == optuna.trial.TrialState.WAITING and queued.user_attrs["retry_of"] == 1
+        assert queued.system_attrs["fixed_params"] == trials[1].params
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("term").experiment_id])
-    assert sorted(r.info.status for r in runs) == ["FAILED", "KILLED"]  # the trial's, the study's
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "KILLED"]  # 2 trials', the study's
     texts = [out, err]
     for r in runs:
         texts += [json.dumps(r.data.params), json.dumps(r.data.tags)]
