@@ -32,6 +32,7 @@ from objectives.scorers import get_scorer
 from objectives.scoring import TrialPruned
 from search import energy, feasibility, windows, workload
 from search.compress import CheckpointCache, CompressResult, Compressor, compress
+from search.compress import screen as pre_serve
 from search.config import ConfigError, Infeasible, TrialConfig, WorkloadConfig, flatten
 from search.energy import window_metrics
 from search.feasibility import Platform
@@ -122,10 +123,18 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         with stages("check"):
             feasibility.check(config, runtime.platform, runtime.family)
 
-        with stages("compress"):
-            compressed = compress(config.compress, runtime.base_model, runtime.cache, runtime.compressor,
-                                  runtime.platform.llmcompressor_version, workdir / "compress.log",
-                                  make_room=runtime.pool.close)
+        # The pre-serve screen scores the compressed model in the worker before it is saved: a model
+        # that cannot reach the gate stops here, with no checkpoint and no server (compress/screen.py).
+        try:
+            with stages("compress"):
+                compressed = compress(config.compress, runtime.base_model, runtime.cache, runtime.compressor,
+                                      runtime.platform.llmcompressor_version, workdir / "compress.log",
+                                      make_room=runtime.pool.close,
+                                      screen=pre_serve.for_trial(runtime, config, baseline))
+        except pre_serve.PrunedBeforeServing as pruned:
+            record.spent.update({**pre_serve.metrics(pruned.result), "pruned_before_serving": 1.0})
+            raise
+        record.spent.update(pre_serve.metrics(compressed.screen))
         artifacts += write_compression(workdir, compressed)
         tags.update({"cache_hit": str(compressed.cache_hit).lower(), "cache_key": compressed.key or "none"})
 
@@ -150,7 +159,8 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         base_items = [item for item in baseline["items"] if item["positions"] is not None]  # distinct prompts
         fidelity_rows: list[scoring.FidelityRow] = []
         base_split = 0
-        if runtime.gate.can_prune:  # under a gate of 0 no partial score prunes: the screen would buy nothing
+        # Under a gate of 0 no partial score prunes, and after a clear pre-serve pass it would find nothing.
+        if runtime.gate.can_prune and not pre_serve.confident(compressed.screen):
             split = max(1, round(len(prompts) * config.workload.early_check_fraction))
             base_split = max(1, round(len(base_items) * config.workload.early_check_fraction))
             with stages("screen"):

@@ -17,7 +17,9 @@ from pathlib import Path
 import yaml
 
 from search import lifeline
+from search.compress import screen as screen_mod
 from search.compress.cache import CheckpointCache
+from search.compress.screen import PrunedBeforeServing
 from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
 from search.config import CompressionConfig, flatten
 from search.models import family_for
@@ -36,6 +38,7 @@ class CompressResult:
     seconds: float  # spent by this call
     saved_seconds: float  # what the cached compression once cost, on a hit
     size_bytes: int
+    screen: dict | None = None  # the pre-serve screen's result when it ran (a compression, not a hit)
 
 
 def model_fingerprint(model_dir: Path, memo_dir: Path) -> str:
@@ -95,6 +98,8 @@ class Compressor:
             self._process = None
             raise CompressionFailed(f"compression process exited {code}: {_last_error(log_path)}")
         reply = json.loads(line)
+        if reply.get("pruned"):  # the pre-serve screen stopped it: nothing saved
+            raise PrunedBeforeServing(reply["pruned"], reply["screen"])
         if not reply["ok"]:
             raise CompressionFailed(f"compression failed: {reply['error']}")
         return reply["stats"]
@@ -110,9 +115,13 @@ class Compressor:
 
 def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache, compressor: Compressor,
              llmcompressor_version: str, log_path: Path, timeout_s: float = 3600,
-             make_room: Callable[[], None] = lambda: None) -> CompressResult:
+             make_room: Callable[[], None] = lambda: None, screen: dict | None = None) -> CompressResult:
     """The checkpoint of `config`, from the cache or made now; `make_room` runs just before a real
-    compression (on a GPU machine the idle server of the last trial holds 90% of the memory)."""
+    compression (on a GPU machine the idle server of the last trial holds 90% of the memory).
+
+    `screen` (search/compress/screen.py's spec) scores a model compressed now before it is saved:
+    PrunedBeforeServing when it cannot reach the gate, leaving no cache entry. The same weights
+    pruned under the same settings before are pruned again without compressing."""
     started = time.perf_counter()
     model_config = json.loads((base_model / "config.json").read_text())
     num_layers = model_config.get("text_config", model_config)["num_hidden_layers"]
@@ -121,6 +130,9 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
     if not config.needs_checkpoint:
         return CompressResult(base_model, recipe, None, False, 0.0, 0.0, 0)
     key = cache_key(model_fingerprint(base_model, cache.root / "fingerprints"), config, llmcompressor_version)
+    if screen is not None and (remembered := screen_mod.remembered_prune(cache.root, key, screen)):
+        raise remembered
+    screened: dict = {}
 
     def create(out_dir: Path) -> dict:
         work = cache.root / "tmp" / f"{key}-spec"
@@ -131,17 +143,22 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
                 "log_path": str(log_path), "trust_remote_code": compressor.trust_remote_code,
                 "model_factory": compressor.model_factory,
                 "pipeline": pipeline_for(recipe, model_config), "needs_calibration": needs_calibration(recipe),
-                "calibration": flatten(config.calibration), "ffn_widths": ffn_widths}
+                "calibration": flatten(config.calibration), "ffn_widths": ffn_widths, "screen": screen}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
         make_room()
         t0 = time.perf_counter()
         stats = compressor.run(spec_path, log_path, timeout_s)
+        screened.update(stats.pop("screen", None) or {})
         return {**stats, "compress_seconds": time.perf_counter() - t0}
 
-    checkpoint, hit, meta = cache.get_or_create(key, create)
+    try:
+        checkpoint, hit, meta = cache.get_or_create(key, create)
+    except screen_mod.PrunedBeforeServing as pruned:
+        screen_mod.remember_prune(cache.root, key, screen, pruned.result)
+        raise
     return CompressResult(checkpoint, recipe, key, hit, time.perf_counter() - started,
-                          meta["compress_seconds"] if hit else 0.0, meta["size_bytes"])
+                          meta["compress_seconds"] if hit else 0.0, meta["size_bytes"], screened or None)
 
 
 def _last_error(log_path: Path) -> str:

@@ -63,6 +63,10 @@ class ModelFamily(ABC):
     model_types: ClassVar[tuple[str, ...]]  # config "model_type" values, for configs without architectures
     modules: ClassVar[ModuleNames]
     takes_images: ClassVar[bool]
+    # Why the pre-serve screen (search/compress/screen.py) cannot score this family's compressed model
+    # in the compression worker by teacher forcing, or None where it can (a transformers text path
+    # whose logits were checked against the served model's).
+    screen_unsupported: ClassVar[str | None] = "no teacher-forcing path in the compression worker is checked for it"
 
     # --- floor
     @abstractmethod

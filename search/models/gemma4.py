@@ -61,6 +61,8 @@ class Gemma4(ModelFamily):
     model_types = ("gemma4", "gemma4_text")
     modules = MODULES
     takes_images = True
+    screen_unsupported = ("its compressed model is not scored in the compression worker (image prompts, per-layer "
+                          "inputs and KV sharing are not checked against vLLM there); the served screen judges it")
 
     def decoder_layers(self, config: dict) -> list[DecoderLayer]:
         tc = text_config(config)

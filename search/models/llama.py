@@ -54,6 +54,7 @@ class Llama(ModelFamily):
     model_types = ("llama",)
     modules = MODULES
     takes_images = False
+    screen_unsupported = None  # calibrated on SmolLM2-135M (bench/pre_serve_screen.py)
 
     def decoder_layers(self, config: dict) -> list[DecoderLayer]:
         tc = text_config(config)
