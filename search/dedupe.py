@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 
 from search.summaries import DUPLICATE_OF, measured
 
-# The preset name of the reference configuration's trial (search/study.py, REFERENCE_PRESET).
+# The preset name of the reference configuration's trial, every study's first (search/study.py enqueues it).
 REFERENCE_PRESET = "reference"
 
 

@@ -41,8 +41,8 @@ from search.summaries import RUNS_HERE, best_feasible, counts, finished, study_b
 from search.track import Tracker, TrackingFailed
 
 OBJECTIVE = "energy_j_per_request"
-# The name of the reference configuration's trial, every study's first.
-REFERENCE_PRESET = "reference"
+# The name of the reference configuration's trial, every study's first (one name, kept in dedupe).
+REFERENCE_PRESET = dedupe.REFERENCE_PRESET
 SAMPLERS = ("tpe", "nsga2", "motpe", "gp", "random")
 MULTI_OBJECTIVE = ("nsga2", "motpe")
 
