@@ -415,7 +415,9 @@ def cmd_run(args) -> int:
             fingerprint = model_fingerprint(model, cache.root / "fingerprints")
             # A study resumed on another machine must serve the same weights (a twin rebuilt differently
             # would be scored against another baseline): the fingerprint is part of what defines it.
-            study_mod.check_definition(study, {"model_fingerprint": fingerprint})
+            # Joules differ between card kinds (an H100's and an H200's trials are not comparable): the
+            # card is part of the definition too.
+            study_mod.check_definition(study, {"model_fingerprint": fingerprint, "gpu": platform.gpu_name or "none"})
             started = time.perf_counter()
             try:
                 baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),
