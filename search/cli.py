@@ -369,6 +369,10 @@ def cmd_run(args) -> int:
                   "directions": study_mod.directions_for(args.sampler), "gate": args.gate,
                   "gate_use": args.gate_use, "per_task_min": args.per_task_min, "slo": slos,
                   "energy_source": energy.machine_source()}
+    traffic = space.reference_config().workload.traffic
+    if traffic:  # the replayed requests are the job: another file's content is another study
+        from search.traffic import digest
+        definition["traffic"] = digest(traffic)
     study_mod.check_definition(study, definition)
     study.set_user_attr("model", model_name)
     study.set_user_attr("gate_threshold", args.gate)

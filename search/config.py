@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 Scheme = Literal["none", "fp8", "fp8_dynamic", "w8a8", "w4a16", "w8a16", "nvfp4a16", "bnb_nf4"]
@@ -228,6 +228,23 @@ class WorkloadConfig(_Options):
     # A steady window shorter than this is too short to read (NVML updates at ~10 Hz; Zeus settles
     # on >= 5 s): a sustained-service trial whose steady state is shorter fails saying so.
     min_steady_s: float = Field(5.0, ge=0)
+    # The user's own traffic as the measured job: a JSONL of chat requests (search/traffic.py gives the
+    # forms), each line sent once in the measured window instead of the tasks' prompts; the quality
+    # items stay the tasks'. A relative path is the caller's folder's, else the project's.
+    traffic: str | None = None
+
+    @field_validator("traffic")
+    @classmethod
+    def _traffic_file_is_readable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from search.traffic import TrafficError, read, resolve
+        try:
+            path = resolve(value)
+            read(path)
+        except TrafficError as exc:
+            raise ConfigError(f"workload.traffic: {exc}") from None
+        return str(path)
 
     @model_validator(mode="after")
     def _sustained_needs_a_load(self) -> WorkloadConfig:
@@ -239,14 +256,24 @@ class WorkloadConfig(_Options):
     @property
     def max_in_flight(self) -> int:
         """The most requests the workload has open at once."""
-        return self.concurrency if self.arrival == "concurrency" else self.n_requests
+        return self.concurrency if self.arrival == "concurrency" else self.measured_requests
+
+    @property
+    def measured_requests(self) -> int:
+        """The requests one measured window sends: the traffic file's lines, else n_requests."""
+        if self.traffic is None:
+            return self.n_requests
+        from search.traffic import read
+        return len(read(self.traffic))
 
     def describe_job(self) -> str:
         """The job the objective prices, in words (search status, the export, MLflow)."""
         sent = {"all_at_once": "all at once", "concurrency": f"{self.concurrency} at a time",
                 "rate": f"at {self.rate_rps:g} requests/s (Poisson)"}[self.arrival]
         if self.job == "fixed":
-            return f"fixed job: {self.n_requests} requests sent {sent}, priced over the whole run"
+            what = (f"the {self.measured_requests} requests of {self.traffic}" if self.traffic
+                    else f"{self.n_requests} requests")
+            return f"fixed job: {what} sent {sent}, priced over the whole run"
         load = f"{self.concurrency} requests in flight" if self.arrival == "concurrency" else sent.removeprefix("at ")
         return f"sustained service at {load}, priced per request over the steady state"
 

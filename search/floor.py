@@ -405,7 +405,7 @@ def floor_metrics(checkpoint: Path, config: TrialConfig, stats: dict, prompts: l
     n = max(1, len(prompts))
     work = workload_flops(
         model_config, round(stats["prompt_tokens"] / n), max(1, round(stats["completion_tokens"] / n)),
-        images=round(sum(p.image_png is not None for p in prompts) / n), requests=n,
+        images=round(sum(p.images for p in prompts) / n), requests=n,
         soft_tokens_per_image=config.serve.image_soft_tokens, quant=quant,
         batch=min(config.workload.max_in_flight, config.serve.max_num_seqs),
         kv_dtype="auto" if config.serve.kv_cache_dtype == "auto" else "fp8")

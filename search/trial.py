@@ -146,10 +146,13 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         tags["server_reused"] = str(reused).lower()
 
         prompts = runtime.prompts(config.workload)
+        # The measured job: the tasks' prompts, or the user's own traffic (workload.traffic), whose
+        # quality items stay the tasks'.
+        measured = workload.measured_prompts(config.workload, prompts)
         prompts_by_id = {p.id: p for p in runtime.prompts(runtime.reference.workload)}
         prompts_by_id.update({p.id: p for p in prompts})
         with stages("warmup"):
-            raise_if_engine_died(server, workload.warm_up(server.base_url, server.served_name, prompts,
+            raise_if_engine_died(server, workload.warm_up(server.base_url, server.served_name, measured,
                                                           config.workload))
             meter = window_meter(runtime, server, cleanup)
 
@@ -175,9 +178,16 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
                     raise
 
         with stages("workload"):
-            results, reading, cache_counts = measure_window(runtime, server, meter, prompts, config.workload)
+            results, reading, cache_counts = measure_window(runtime, server, meter, measured, config.workload)
         artifacts += write_window(workdir, results, reading)  # kept whatever happens to the trial later
         raise_if_engine_died(server, results)
+        answers = results  # the tasks' answers the labels are scored on
+        if config.workload.traffic:
+            answers = []  # the window answered the traffic: the tasks' items are asked outside it
+            if config.workload.quality == "labels":
+                with stages("answers"):
+                    answers = workload.run(server.base_url, server.served_name, prompts, config.workload)
+                raise_if_engine_died(server, answers)
 
         # Label-free agreement in either quality mode: with labels it is what the label recovery is
         # compared with (bench/README.md), with fidelity it is the score.
@@ -191,7 +201,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         repeats = [window["energy_j_per_request"]]
         for repeat in range(1, config.workload.energy_repeats):
             with stages(f"repeat_{repeat}"):
-                repeats.append(measure_repeat(runtime, server, meter, prompts, config))
+                repeats.append(measure_repeat(runtime, server, meter, measured, config))
 
         # Score: what the windows measured, then recovery, the gate and the latency limits over it.
         metrics = {**window, **record.spent, "failed_requests": len(results) - served}
@@ -200,7 +210,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         metrics["prefix_cache_queries"] = cache_counts[1]
         if len(repeats) > 1:
             metrics.update({f"energy_j_per_request_{k}": v for k, v in energy.spread(repeats).items()})
-        floor_values, floor_tags = floor_metrics(compressed.checkpoint, config, window, prompts, reading,
+        floor_values, floor_tags = floor_metrics(compressed.checkpoint, config, window, measured, reading,
                                                  runtime.target_gpu)
         metrics.update(floor_values)
         tags.update(floor_tags)
@@ -208,7 +218,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
                         "server_start_s": 0.0 if reused else server.started_s})
         tags.update({"energy_source": reading.source, "energy_method": reading.method,
                      "gpu": ", ".join(reading.gpus) or "none"})
-        record.outcome = score(runtime, config, baseline, results, fidelity_rows, prompts_by_id, metrics, tags,
+        record.outcome = score(runtime, config, baseline, answers, fidelity_rows, prompts_by_id, metrics, tags,
                                artifacts)
     return record
 
@@ -409,8 +419,9 @@ def score(runtime: Runtime, config: TrialConfig, baseline: dict, results: list[R
         metrics["top1_agreement"] = sum(r[1] for r in fidelity_rows) / len(fidelity_rows)
         metrics["topk_kl"] = sum(r[2] for r in fidelity_rows) / len(fidelity_rows)
     answers = {r.id: r.answer for r in results}
-    metrics["answer_agreement"] = fidelity.answer_agreement(
-        [i["answer"] for i in baseline["items"]], [answers.get(i["id"]) for i in baseline["items"]])
+    if any(i["id"] in answers for i in baseline["items"]):  # none when a replayed traffic was measured
+        metrics["answer_agreement"] = fidelity.answer_agreement(
+            [i["answer"] for i in baseline["items"]], [answers.get(i["id"]) for i in baseline["items"]])
     tags.update({"gate": gate.reason, "feasible": str(feasible).lower(),
                  "slo": ", ".join(f"{k[4:]} {'ok' if v <= 0 else 'missed'}" for k, v in slo.items()) or "none"})
     return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], feasible, metrics, tags, artifacts)

@@ -38,6 +38,17 @@ class Prompt:
     image_png: bytes | None
     answers: tuple[str, ...]
     scorer: str
+    # A replayed request (workload.traffic, search/traffic.py): its own chat messages, images as data
+    # URLs, and its own output cap; `text` and `image_png` are then unused.
+    chat: tuple = ()
+    max_tokens: int | None = None
+
+    @property
+    def images(self) -> int:
+        if self.chat:
+            return sum(1 for m in self.chat if isinstance(m["content"], list)
+                       for part in m["content"] if part["type"] == "image_url")
+        return int(self.image_png is not None)
 
 
 @dataclass
@@ -59,13 +70,16 @@ class RequestResult:
 
 
 def messages(prompt: Prompt, workload: WorkloadConfig) -> list[dict[str, Any]]:
+    system = SYSTEM_PROMPTS[workload.verbosity]
+    if prompt.chat:  # a replayed request: the verbosity's system turn where the conversation brings none
+        chat = [dict(m) for m in prompt.chat]
+        return ([{"role": "system", "content": system}] if system and chat[0]["role"] != "system" else []) + chat
     content: list[dict[str, Any]] = []
     if prompt.image_png is not None:
         url = "data:image/png;base64," + base64.b64encode(prompt.image_png).decode()
         content.append({"type": "image_url", "image_url": {"url": url}})
     content.append({"type": "text", "text": prompt.text})
     out: list[dict[str, Any]] = []
-    system = SYSTEM_PROMPTS[workload.verbosity]
     if system:
         out.append({"role": "system", "content": system})
     out.append({"role": "user", "content": content})
@@ -120,11 +134,24 @@ def load_prompts(workload: WorkloadConfig, cache_dir) -> list[Prompt]:
     return prompts
 
 
+def traffic_prompts(workload: WorkloadConfig) -> list[Prompt]:
+    """The requests of workload.traffic, one Prompt a line, in file order (task "traffic": no labels)."""
+    from search.traffic import read
+    return [Prompt(f"traffic/line-{r.line}", "traffic", "", None, (), "", chat=r.messages, max_tokens=r.max_tokens)
+            for r in read(workload.traffic)]
+
+
+def measured_prompts(workload: WorkloadConfig, task_prompts: list[Prompt]) -> list[Prompt]:
+    """What one measured window sends: the traffic file's requests when the study replays one, else
+    the tasks' prompts."""
+    return traffic_prompts(workload) if workload.traffic else task_prompts
+
+
 def request_body(model: str, prompt: Prompt, workload: WorkloadConfig, index: int) -> dict[str, Any]:
     return {
         "model": model,
         "messages": messages(prompt, workload),
-        "max_tokens": workload.max_tokens,
+        "max_tokens": prompt.max_tokens or workload.max_tokens,
         "temperature": 0.0 if workload.decoding == "greedy" else workload.temperature,
         "top_p": workload.top_p,
         "top_k": workload.top_k,
@@ -133,8 +160,10 @@ def request_body(model: str, prompt: Prompt, workload: WorkloadConfig, index: in
         "chat_template_kwargs": {"enable_thinking": workload.thinking},
         "stream": True,
         "stream_options": {"include_usage": True},
-        # Fidelity teacher-forces the baseline's answer as text: keep every generated token in it.
-        **({"skip_special_tokens": False, "ignore_eos": True} if workload.quality == "fidelity" else {}),
+        # Fidelity teacher-forces the baseline's answer as text: keep every generated token in it. A
+        # replayed request is never teacher-forced: its answer ends where the model ends it.
+        **({"skip_special_tokens": False, "ignore_eos": True} if workload.quality == "fidelity" and not prompt.chat
+           else {}),
     }
 
 
@@ -220,9 +249,22 @@ def warm_up(base_url: str, model: str, prompts: list[Prompt], workload: Workload
     """Requests outside the measured window, so first-call costs do not count as the trial's energy."""
     # A marker in front of each text makes every warm-up prompt's first KV block differ from the
     # measured prompt's, so a prefix cache (when a study turns one on) cannot carry warm-up into the window.
-    warm = [replace(p, id=f"warmup/{p.id}", text=f"(warm-up {i}) {p.text}")
+    warm = [replace(p, id=f"warmup/{p.id}", text=f"(warm-up {i}) {p.text}", chat=_marked(p.chat, f"(warm-up {i}) "))
             for i, p in enumerate(prompts[: workload.warmup_requests])]
     return run(base_url, model, warm, workload, first_index=-10_000) if warm else []
+
+
+def _marked(chat: tuple, marker: str) -> tuple:
+    """A replayed conversation with `marker` before its first text (warm-up requests)."""
+    if not chat:
+        return chat
+    first = dict(chat[0])
+    content = first["content"]
+    if isinstance(content, str):
+        first["content"] = marker + content
+    else:
+        first["content"] = [{"type": "text", "text": marker}, *content]
+    return (first, *chat[1:])
 
 
 def teacher_forced_logprobs(base_url: str, model: str, prompt: Prompt, answer: str,
