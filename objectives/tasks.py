@@ -65,6 +65,18 @@ class Task:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # The types first: a task file is a user's, and a wrong type must be a sentence, not a traceback.
+        for name in ("name", "source", "scorer", "prompt_template"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"task {self.name!r}: {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("split", "config"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"task {self.name!r}: {name} must be a string or null, got {getattr(self, name)!r}")
+        if self.n_samples is not None and (not isinstance(self.n_samples, int) or isinstance(self.n_samples, bool)
+                                           or self.n_samples < 1):
+            raise ValueError(f"task {self.name!r}: n_samples must be an integer >= 1 or null, got {self.n_samples!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"task {self.name!r}: seed must be an integer, got {self.seed!r}")
         scheme, _, target = self.source.partition(":")
         if scheme not in SCHEMES or not target:
             raise ValueError(
@@ -79,7 +91,10 @@ class Task:
             raise ValueError(f"task {self.name!r}: unknown text task {target!r}; known: {text_suite.TASKS}")
         if scheme == "hub" and self.split is None:
             raise ValueError(f"task {self.name!r}: a hub source needs a split")
-        get_scorer(self.scorer)
+        try:
+            get_scorer(self.scorer)
+        except ValueError as e:
+            raise ValueError(f"task {self.name!r}: {e}") from None
         if not isinstance(self.columns, dict):
             raise ValueError(f"task {self.name!r}: columns must be a mapping of role -> column name")
         unknown = sorted(set(self.columns) - set(COLUMN_ROLES))
@@ -99,8 +114,6 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: columns.choices is set but prompt_template has no {{choices}}"
             )
-        if self.n_samples is not None and self.n_samples < 1:
-            raise ValueError(f"task {self.name!r}: n_samples must be >= 1 or null")
 
     @property
     def scheme(self) -> str:
@@ -126,20 +139,58 @@ _LOCAL_SCHEMES = ("disk", "imagefolder", "jsonl")
 def load_task_file(path: str | os.PathLike) -> Task:
     """One task from a YAML file; ``name`` defaults to the file's stem."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a task file must be a YAML mapping")
     for key in data:
         if key not in _TASK_KEYS:
             raise ValueError(f"{path}: unknown key {key!r}; allowed: {list(_TASK_KEYS)}")
+    missing = sorted(key for key in ("source", "scorer") if key not in data)
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
     data.setdefault("name", path.stem)
     scheme, _, target = str(data.get("source", "")).partition(":")
     if scheme in _LOCAL_SCHEMES and target and not Path(target).is_absolute():
         data["source"] = f"{scheme}:{(path.parent / target).resolve()}"
     try:
-        return Task(**data)
+        task = Task(**data)
+        _check_local_source(task)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+    return task
+
+
+def _check_local_source(task: Task) -> None:
+    """A local source exists, and a jsonl file's rows are JSON objects holding the task's columns
+    (and its images): read when the task is named, not when the baseline reaches it."""
+    if task.scheme not in _LOCAL_SCHEMES:
+        return
+    source = Path(task.target)
+    if not source.exists():
+        raise ValueError(f"task {task.name!r}: source file not found: {source}")
+    if task.scheme != "jsonl":
+        return
+    columns = {role: column for role, column in task.columns.items() if column is not None}
+    with source.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                raise ValueError(f"task {task.name!r}: {source} line {number} is not a JSON object")
+            for role, column in columns.items():
+                if column not in row:
+                    raise ValueError(f"task {task.name!r}: column {column!r} ({role}) is not in row {number} of "
+                                     f"{source}; its columns: {sorted(row)}")
+            image = row.get(columns["image"]) if "image" in columns else None
+            if isinstance(image, str) and not (source.parent / image).is_file():
+                raise ValueError(f"task {task.name!r}: image {image!r} of row {number} of {source} not found")
 
 
 def load_registry(directory: str | os.PathLike = TASK_DIR) -> dict[str, Task]:

