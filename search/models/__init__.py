@@ -12,18 +12,20 @@ from pathlib import Path
 
 from search.models._base import (DecoderLayer, LinearShape, ModelFamily, ModuleNames, UnknownModelFamily,
                                  text_config)
+from search.models.gemma3 import Gemma3
 from search.models.gemma4 import Gemma4
 from search.models.llama import Llama
 
 GEMMA4 = Gemma4()
 LLAMA = Llama()
-FAMILIES: tuple[ModelFamily, ...] = (GEMMA4, LLAMA)
+GEMMA3 = Gemma3()
+FAMILIES: tuple[ModelFamily, ...] = (GEMMA4, LLAMA, GEMMA3)
 # Hand-written config dicts (tests, benches) that name no architecture describe the tool's default
 # model, the toy Gemma 4.
 DEFAULT = GEMMA4
 
 __all__ = ["DecoderLayer", "LinearShape", "ModelFamily", "ModuleNames", "UnknownModelFamily", "FAMILIES",
-           "GEMMA4", "LLAMA", "DEFAULT", "family_for", "family_of", "text_config"]
+           "GEMMA4", "LLAMA", "GEMMA3", "DEFAULT", "family_for", "family_of", "text_config"]
 
 
 def family_for(config: dict) -> ModelFamily:
