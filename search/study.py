@@ -32,15 +32,19 @@ from search import bill
 from search import config as cfg
 from search import dedupe
 from search import interrupts
+from search import review
 from search import space as space_mod
 from search import stopping
 from search import trial as trial_mod
 from search.progress import Progress
 from search.redaction import redact
-from search.summaries import RUNS_HERE, best_feasible, counts, finished, study_bill
+from search.summaries import (RECOVERY_GATE, RUNS_HERE, best_feasible, constraints_of, counts, finished,
+                              set_constraints, study_bill)
 from search.track import Tracker, TrackingFailed
 
 OBJECTIVE = "energy_j_per_request"
+# The objectives as Optuna (and optuna-dashboard) names them, with their units.
+METRIC_NAMES = {OBJECTIVE: "energy per request [J]", "recovery_mean": "mean recovery [fraction of the reference]"}
 # The name of the reference configuration's trial, every study's first (one name, kept in dedupe).
 REFERENCE_PRESET = dedupe.REFERENCE_PRESET
 SAMPLERS = ("tpe", "nsga2", "motpe", "gp", "random")
@@ -130,10 +134,13 @@ def open_study(name: str, storage_url: str, sampler: str = "tpe", seed: int | No
     study = optuna.create_study(study_name=name, storage=storage(storage_url, heartbeat_s),
                                 sampler=make_sampler(sampler, seed),
                                 directions=directions_for(sampler), load_if_exists=True)
-    if not study.metric_names:  # a dashboard then shows the objectives by name, not "Objective 0"
+    names = [OBJECTIVE, "recovery_mean"] if multi else [OBJECTIVE]
+    # A dashboard then shows the objectives by name and unit, not "Objective 0" (a study named before
+    # units were given gets them).
+    if not study.metric_names or study.metric_names == names:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([OBJECTIVE, "recovery_mean"] if multi else [OBJECTIVE])
+            study.set_metric_names([METRIC_NAMES[n] for n in names])
     return study
 
 
@@ -236,7 +243,7 @@ class Objective:
         # Opened before the first stage, so that a trial that raises is logged with what its stages spent.
         trial_record = trial_mod.TrialRecord()
         record: dict[str, Any] = {"number": trial.number, "params": {}, "metrics": trial_record.spent, "tags": {},
-                                  "artifacts": []}
+                                  "artifacts": [], **self._review_context(trial)}
         started = time.perf_counter()
         self._expired.clear()
         trial_over = threading.Event()
@@ -261,8 +268,8 @@ class Objective:
             return self._end(trial, record, "INFEASIBLE", f"infeasible: {exc}", started)
         except dedupe.AlreadyMeasured as known:
             return self._repeat(trial, record, known.earlier, started)
-        except trial_mod.TrialPruned as exc:
-            return self._end(trial, record, "PRUNED", f"pruned: {exc}", started)
+        except trial_mod.TrialPruned as exc:  # what it produced (logs, configs, screen answers) goes with it
+            return self._end(trial, record, "PRUNED", f"pruned: {exc}", started, workdir=workdir)
         except Exception as exc:  # whatever broke, the trial is recorded with its reason and the study goes on
             self.runtime.pool.discard()  # a server that saw a failure is not reused
             reason = (f"trial exceeded its time budget of {self.trial_timeout_s:.0f} s" if self._expired.is_set()
@@ -287,13 +294,11 @@ class Objective:
         trial.set_user_attr("energy_source", outcome.tags["energy_source"])
         trial.set_user_attr("gpu", outcome.tags.get("gpu"))  # what the export says it was measured on
         # <= 0 is feasible: the samplers read these to prefer configurations that pass the gate.
-        trial.set_constraint("recovery_gate", -outcome.metrics["recovery_margin"])
-        trial.set_constraint(RUNS_HERE, 0.0)
-        for name, value in outcome.metrics.items():
-            if name.startswith("slo_"):
-                trial.set_constraint(name, value)
+        set_constraints(trial, {RECOVERY_GATE: -outcome.metrics["recovery_margin"], RUNS_HERE: 0.0,
+                                **{k: v for k, v in outcome.metrics.items() if k.startswith("slo_")}})
         record["metrics"]["trial_s"] = time.perf_counter() - started
-        record["tags"].update({"state": "COMPLETE", "search.study": self.study.study_name})
+        record["tags"].update({"state": "COMPLETE", "feasible": str(bool(outcome.feasible)).lower(),
+                               "search.study": self.study.study_name})
         try:
             self.tracker.log_trial(record)
         except TrackingFailed as exc:  # the study goes on: this trial fails, saying why
@@ -303,12 +308,23 @@ class Objective:
             return outcome.objective, outcome.recovery
         return outcome.objective
 
+    def _review_context(self, trial: optuna.Trial) -> dict[str, Any]:
+        """What the trial's MLflow run is described against (search/review.py): its real start, the gate,
+        the reference configuration and the reference's J/request (the reference's own trial is its own)."""
+        reference = dedupe.reference_config(self.study) or self.baseline.get("reference")
+        reference_j = study_bill(self.study).reference_j_per_request
+        start = trial.datetime_start
+        gate = getattr(self.runtime, "gate", None)
+        return {"start_ms": int(start.timestamp() * 1000) if start else None,
+                "gate": None if gate is None else gate.threshold,
+                "reference": reference, "reference_j": reference_j,
+                "is_reference": trial.user_attrs.get("preset") == REFERENCE_PRESET}
+
     def _repeat(self, trial: optuna.Trial, record: dict, earlier: optuna.trial.FrozenTrial, started: float):
         """A configuration `earlier` measured is not served again: this trial tells Optuna the same
         values and constraints (a sampler sees the point it proposed, at its measured value), and
         records which trial it repeats. It spent nothing but the look-up: no stage, no bill."""
-        for name, value in earlier.constraints.items():
-            trial.set_constraint(name, value)
+        set_constraints(trial, constraints_of(earlier))
         trial.set_user_attr(dedupe.DUPLICATE_OF, earlier.number)
         trial.set_user_attr("feasible", bool(earlier.user_attrs.get("feasible")))
         if "energy_source" in earlier.user_attrs:
@@ -348,9 +364,8 @@ class Objective:
         if infeasible:
             # Every constraint a complete trial has, violated: GP refuses trials whose constraint
             # names differ ("The constraint names must be the same for all trials").
-            for name in ("recovery_gate", *(f"slo_{slo}" for slo in self.runtime.slos)):
-                trial.set_constraint(name, 1.0)
-            trial.set_constraint(RUNS_HERE, 1.0)
+            set_constraints(trial, {name: 1.0 for name in (RECOVERY_GATE, RUNS_HERE,
+                                                           *(f"slo_{slo}" for slo in self.runtime.slos))})
             return (math.inf, -math.inf) if self.multi_objective else math.inf
         if not raise_:
             return None
@@ -382,6 +397,8 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
               f"--trials {options.trials})", file=progress.stream, flush=True)
     try:
         tracker.log_bill(*bill.mlflow_fields(study_bill(study)))
+        # The answer where MLflow opens: the best feasible trial, its saving, the trials by energy.
+        tracker.log_review(review.from_study(study))
     except TrackingFailed as exc:  # the study's trials are all recorded; the next run logs the bill again
         print(f"warning: the search's bill not logged: {exc}", file=sys.stderr)
     tracker.flush()

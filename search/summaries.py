@@ -20,6 +20,48 @@ RUNS_HERE = "runs_here"
 DUPLICATE_OF = "duplicate_of"
 # The study's user attribute that says why it stopped before --trials (search/stopping.py).
 EARLY_STOP = "early_stop"
+# The gate's constraint: -(recovery margin), <= 0 when the trial keeps enough of the reference's quality.
+RECOVERY_GATE = "recovery_gate"
+# Where a trial's constraints are stored. Optuna 5 reads this list as well as its named keys
+# (`constraints:NAME`, what Trial.set_constraint writes); optuna-dashboard 0.21 reads only this list
+# (its _serializer: `system_attrs.get("constraints", [])`) and showed every trial of a named-key study
+# as feasible. The trial's user attribute of the same name keeps the names.
+CONSTRAINTS = "constraints"
+
+
+def constraint_order(names) -> list[str]:
+    """The order a trial's constraints are stored in: the gate, runs_here, then the latency limits."""
+    first = [n for n in (RECOVERY_GATE, RUNS_HERE) if n in names]
+    return first + sorted(set(names) - set(first))
+
+
+def _named_keys(trial: FrozenTrial) -> bool:
+    return any(key.startswith(f"{CONSTRAINTS}:") for key in trial.system_attrs)
+
+
+def set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
+    """Tell Optuna a trial's constraints (<= 0 holds), readable by its samplers and by optuna-dashboard:
+    one list in `constraint_order`, the names in the trial's user attribute `constraints`. Samplers see
+    the same values and count as with named keys (GP compares the names of every trial's constraints:
+    a study whose trials hold named keys, made before, goes on with named keys)."""
+    ordered = {name: float(values[name]) for name in constraint_order(values)}
+    trial.set_user_attr(CONSTRAINTS, ordered)
+    finished = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if any(_named_keys(t) for t in finished):
+        for name, value in ordered.items():
+            trial.set_constraint(name, value)
+        return
+    listed = list(ordered.values())
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS, listed)
+    trial._cached_frozen_trial.system_attrs[CONSTRAINTS] = listed
+
+
+def constraints_of(trial: FrozenTrial) -> dict[str, float]:
+    """A trial's constraints by name, however they were stored (a list, or Optuna's named keys)."""
+    named = trial.user_attrs.get(CONSTRAINTS)
+    if isinstance(named, dict):
+        return {k: float(v) for k, v in named.items()}
+    return {k: v for k, v in trial.constraints.items()}
 
 
 def is_infeasible(trial: FrozenTrial) -> bool:

@@ -65,8 +65,13 @@ class Tracker:
         self._record({"kind": "study", "params": params, "tags": tags})
 
     def log_trial(self, record: dict[str, Any]) -> None:
-        """record: number, params, metrics, tags (with `state`), artifacts (paths)."""
-        self._record({"kind": "trial", **record})
+        """record: number, params, metrics, tags (with `state`), artifacts (paths); and what its run is
+        described against (search/review.py): start_ms, gate, reference, reference_j. It ends now."""
+        self._record({"kind": "trial", "end_ms": int(time.time() * 1000), **record})
+
+    def log_review(self, view: dict[str, Any]) -> None:
+        """The study at a glance (search/review.py's study_view) on the parent run and the experiment."""
+        self._record({"kind": "review", **view})
 
     def log_figures(self, figures: dict[str, Path]) -> None:
         self._record({"kind": "figures", "paths": [str(p) for p in figures.values()]})
@@ -182,32 +187,49 @@ class Tracker:
             for path in record["paths"]:
                 if Path(path).exists():
                     self._log_artifact(parent, path)
+        elif kind == "review":
+            self.client.update_run(parent, name=record["name"])
+            self.client.log_batch(parent, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                                   for k, v in record["metrics"].items()],
+                                  tags=[RunTag(k, _safe(k, v)) for k, v in record["tags"].items()])
+            self.client.log_table(parent, record["table"], "trials.json")
+            note = record["experiment_note"].replace("{experiment_id}", self.experiment_id())
+            self.client.set_experiment_tag(self.experiment_id(), "mlflow.note.content", note[:5000])
         elif kind == "end":
             self.client.set_terminated(parent, record["status"])
 
     def _send_trial(self, record: dict[str, Any]) -> None:
+        """A trial's run, a top-level row of the runs table (not a child of the study's run, which the
+        table opens collapsed), named with what it found (search/review.py), timed as the trial ran."""
         from mlflow.entities import Metric, Param, RunTag
-        name = f"trial-{record['number']:03d}"
+        from search.review import trial_view
+        view = trial_view(record)
+        # `search.study_run` links the study's run; the runs table shows the trials, not one folded row.
         existing = self.client.search_runs([self.experiment_id()], f"tags.`search.trial` = '{record['number']}'",
                                            max_results=1)
         if existing:
             run_id = existing[0].info.run_id  # a retried send after a partial write
+            self.client.update_run(run_id, name=view["name"])
         else:
-            run_id = self.client.create_run(self.experiment_id(), run_name=name, tags={
-                "mlflow.parentRunId": self.parent_run_id(), "search.trial": str(record["number"])}).info.run_id
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in record["metrics"].items()
+            run_id = self.client.create_run(self.experiment_id(), start_time=record.get("start_ms"),
+                                            run_name=view["name"], tags={
+                "search.study_run": self.parent_run_id(), "search.trial": str(record["number"])}).info.run_id
+        now = record.get("end_ms") or int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in {**record["metrics"], **view["metrics"]}.items()
                    if isinstance(v, (int, float)) and v == v]
         params = [Param(k.replace("/", "_"), _safe(k, v)) for k, v in record["params"].items()]
-        tags = [RunTag(k, _safe(k, v)) for k, v in record["tags"].items()]
+        tags = [RunTag(k, _safe(k, v)) for k, v in {**record["tags"], **view["tags"]}.items()]
         for i in range(0, max(len(metrics), len(params), len(tags)), 100):
             self.client.log_batch(run_id, metrics=metrics[i:i + 100], params=params[i:i + 100],
                                   tags=tags[i:i + 100])
+        if record["params"]:
+            self.client.log_dict(run_id, {k: json.loads(json.dumps(v, default=str)) if not isinstance(v, str)
+                                          else _safe(k, v) for k, v in record["params"].items()}, "config.json")
         for artifact in record["artifacts"]:
             if Path(artifact).exists():
                 self._log_artifact(run_id, artifact)
-        state = record["tags"].get("state")
-        self.client.set_terminated(run_id, "FINISHED" if state in ("COMPLETE", "PRUNED", "INFEASIBLE") else "FAILED")
+        # Pruned and infeasible trials end KILLED (stopped before their measurement), failed ones FAILED.
+        self.client.set_terminated(run_id, view["status"], end_time=record.get("end_ms"))
 
     def _log_artifact(self, run_id: str, path: str) -> None:
         """Text artifacts (logs, configs, answers) go up with any credential in them hidden."""

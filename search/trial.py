@@ -175,6 +175,9 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
                                             screen_results, fidelity_rows, prompts_by_id, [p.id for p in prompts])
                 except TrialPruned:
                     record.spent["pruned_at_screen"] = 1.0  # nothing measured: no energy window was run
+                    # What the screen was answered goes with the pruned trial (its MLflow run).
+                    (workdir / "screen_answers.jsonl").write_text(
+                        "".join(json.dumps(r.as_dict()) + "\n" for r in screen_results))
                     raise
 
         with stages("workload"):

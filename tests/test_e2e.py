@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from search import local_postgres
 from search import study as study_mod
-from search.summaries import measured
+from search.summaries import constraints_of, measured
 from search_cli import run_cli
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,10 @@ def test_warm_start_runs_the_seed_presets_first(study_home):
     # NF4 needs CUDA: recorded as infeasible with its reason, before any work, as a violated
     # constraint every sampler ranks below the runnable trials.
     assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].user_attrs["infeasible"]
-    assert trials[1].constraints == {"recovery_gate": 1.0, "runs_here": 1.0} and trials[1].values == [float("inf")]
+    assert constraints_of(trials[1]) == {"recovery_gate": 1.0, "runs_here": 1.0} and trials[1].values == [float("inf")]
+    assert trials[1].system_attrs["constraints"] == [1.0, 1.0]  # the list optuna-dashboard reads
     assert "bitsandbytes" in trials[1].user_attrs["reason"]
-    assert trials[0].constraints["runs_here"] == 0.0
+    assert constraints_of(trials[0])["runs_here"] == 0.0
     seed_001 = trials[2].user_attrs["config"]
     assert (seed_001["compress.method"], seed_001["compress.prune.base"], seed_001["compress.actorder"]) == (
         "gptq", 0.1, "static")
@@ -73,7 +74,8 @@ def test_mlflow_holds_one_child_run_per_trial_with_artifacts(study_home):
     parent = [r for r in runs if r.data.tags.get("search.study_parent") == "true"]
     children = [r for r in runs if "search.trial" in r.data.tags]
     assert len(parent) == 1 and len(children) == 3
-    assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in children)
+    # Top-level rows (the runs table opens a parent's children folded), linked to the study's run by a tag.
+    assert all(r.data.tags["search.study_run"] == parent[0].info.run_id for r in children)
     complete = [r for r in children if r.data.tags["state"] == "COMPLETE"]
     for run in complete:
         names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -33,7 +33,9 @@ def test_records_wait_while_mlflow_is_away_then_arrive(tmp_path, monkeypatch):
     child = next(r for r in runs if r.data.tags.get("search.trial") == "1")
     assert child.data.metrics["energy_j_per_request"] == 2.5
     assert child.data.params["storage"] == "postgresql://u:***@db/x"  # credentials never reach MLflow
-    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["recipe-1.yaml"]
+    assert [a.path for a in client.list_artifacts(child.info.run_id)] == ["config.json", "recipe-1.yaml"]
+    config = client.download_artifacts(child.info.run_id, "config.json", str(tmp_path))
+    assert "postgresql://u:***@db/x" in open(config).read()  # the trial's configuration, redacted too
 
 
 def test_the_searchs_bill_goes_on_the_studys_parent_run(tmp_path):
