@@ -184,3 +184,26 @@ def test_review_rows_of_a_study_match_the_runs(small_study):
     _, study = small_study
     view = review.from_study(study)
     assert view["tags"]["best_trial"] == "1" and view["table"]["trial"] == [1, 0, 2, 3, 4, 5]
+
+
+def test_figures_carry_units_the_gate_and_the_evaluator_used(small_study, tmp_path, monkeypatch):
+    from search import figures as figures_mod
+    _, study = small_study
+    texts = {}
+    save = figures_mod._save
+
+    def keep_text(fig, path):
+        texts[path.name] = " ".join(t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text")))
+        return save(fig, path)
+
+    monkeypatch.setattr(figures_mod, "_save", keep_text)
+    made = figures_mod.figures(study, tmp_path)
+    assert {"pareto", "history"} <= set(made)
+    assert "energy per request [J], an ESTIMATE" in texts["pareto.png"] and "gate: recovery >= 0.8" in texts["pareto.png"]
+    assert "mean recovery [fraction of the reference's quality]" in texts["pareto.png"]
+    assert "energy per request [J]" in texts["history.png"] and "recovery < gate 0.8" in texts["history.png"]
+    assert "pruned (no energy measured)" in texts["history.png"] and "infeasible (no energy measured)" in texts["history.png"]
+    # The importances name the evaluator that computed them, from the evaluator itself.
+    importances, evaluator = figures_mod.importances_of(study.trials[:3] * 2)
+    assert figures_mod.evaluator_label(evaluator) == "PED-ANOVA, top 10% of trials"
+    assert type(evaluator) is type(optuna.importance.PedAnovaImportanceEvaluator())
