@@ -141,6 +141,8 @@ def load_task_file(path: str | os.PathLike) -> Task:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, not text
+        raise ValueError(f"{path}: cannot be read as a YAML text file: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -250,10 +250,18 @@ def check_home(args, writing: bool) -> None:
                           "or $SEARCH_HOME, a study ran with)")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL (None for another database, or SQLite in memory)."""
+    import sqlalchemy
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def _read_storage(args) -> str:
     """The storage a read-only command (status, show, export) reads, checked without making anything:
     no home folder, no empty database. An SQLite one is opened read-only to find the study."""
-    import sqlalchemy
     from search.config import ConfigError
     from search.redaction import redact
     if args.storage:
@@ -261,10 +269,9 @@ def _read_storage(args) -> str:
     else:
         check_home(args, writing=False)
     url = _storage(args)
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    path = _sqlite_file(url)
+    if path is None:
         return url
-    path = Path(parsed.database)
     if not path.is_file():
         raise ConfigError(f"no study database at {path}" if args.storage else
                           f"{args.home} {_home_source(args)} holds no study database (optuna.db): nothing has run there")
@@ -479,6 +486,9 @@ def cmd_run(args) -> int:
     check_environments(args)
     storage_url = _storage(args)
     check_storage_url(storage_url)
+    database = _sqlite_file(storage_url)
+    if args.storage and database is not None and not database.parent.is_dir():
+        raise ValueError(f"--storage {args.storage}: the folder of the study database does not exist: {database.parent}")
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri:
         check_mlflow_uri(mlflow_uri, "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI")
@@ -508,7 +518,7 @@ def cmd_run(args) -> int:
     from search import feasibility, trial as trial_mod
     from search.compress import CheckpointCache, Compressor
     from search.compress.stage import model_fingerprint
-    from search.figures import figures
+    from search.export import figures
     from search.progress import Progress
     from search.redaction import redact
     from search.serve import ServerPool
@@ -643,8 +653,7 @@ def cmd_export(args) -> int:
         raise ConfigError(f"--out {args.out} is a file; export writes a folder")
     storage_url = _read_storage(args)
     from search import study as study_mod
-    from search.export import export
-    from search.figures import figures
+    from search.export import export, figures
     study = study_mod.load_study(args.study, storage_url)
     rows = export(study, args.out, args.trials)
     figures(study, args.out)

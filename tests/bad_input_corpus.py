@@ -24,14 +24,29 @@ TOOL_VARIABLES = ("SEARCH_HOME", "SEARCH_SERVE_PYTHON", "SEARCH_COMPRESS_PYTHON"
 STUDY = "kept"  # the study a `home: study` case's database holds
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """A case that names a key twice is a mistake in the corpus (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicated = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicated:
+            raise ValueError(f"{CASES} line {node.start_mark.line + 1}: {duplicated} given twice")
+        return super().construct_mapping(node, deep)
+
+
 def cases() -> list[dict]:
-    return yaml.safe_load(CASES.read_text())
+    return yaml.load(CASES.read_text(), Loader=_UniqueKeys)
 
 
 def make_study_db(path: Path) -> None:
     """An Optuna database holding the empty study STUDY, made as the tool makes one."""
+    import warnings
     from search import study as study_mod
-    study_mod.open_study(STUDY, f"sqlite:///{path}")
+    study_mod.quiet_optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's notes on its experimental options
+        study_mod.open_study(STUDY, f"sqlite:///{path}")
 
 
 @dataclass

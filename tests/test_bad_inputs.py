@@ -18,6 +18,8 @@ def study_db(tmp_path_factory):
 
 
 def test_the_corpus_covers_every_door():
+    for case in CASES:
+        assert {"id", "argv", "expect"} <= set(case) <= {"id", "argv", "expect", "home", "home_via", "env"}, case
     ids = [case["id"] for case in CASES]
     assert len(ids) == len(set(ids)) >= 25
     prefixes = {i.split("-")[0] for i in ids}
