@@ -215,6 +215,9 @@ def check_mlflow_uri(uri: str, source: str) -> None:
     from search.redaction import redact
     parts = urlsplit(uri)
     if len(parts.scheme) <= 1 or parts.scheme == "file":  # a folder (C:\ on Windows)
+        folder = Path(parts.path if parts.scheme == "file" else uri)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{source} {redact(uri)} is a file, not a folder for MLflow's runs")
         return
     if parts.scheme.split("+")[0] in MLFLOW_DATABASES:
         check_storage_url(uri, source)
