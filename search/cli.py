@@ -496,8 +496,11 @@ def cmd_run(args) -> int:
     if mlflow_uri:
         check_mlflow_uri(mlflow_uri, "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI")
     check_home(args, writing=True)
+    if database is None:  # a database server: reached before the home is made (a refusal leaves none)
+        check_storage(storage_url)
     args.home.mkdir(parents=True, exist_ok=True)
-    check_storage(storage_url)
+    if database is not None:
+        check_storage(storage_url)
 
     from search import energy, study as study_mod
     study_mod.quiet_optuna()
