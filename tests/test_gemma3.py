@@ -131,3 +131,16 @@ def test_the_completion_template_writes_the_texts_one_after_another():
     assert template.render(bos_token="<bos>", messages=messages) == "<bos>Reply with the answer only.\n\nQ: 2 + 2?\nA:"
     forced = messages[1:] + [{"role": "assistant", "content": " 4"}]
     assert template.render(bos_token="<bos>", messages=forced) == "<bos>Q: 2 + 2?\nA: 4"
+
+
+@pytest.mark.parametrize("task", ["fewshot_arithmetic", "fewshot_capitals", "fewshot_opposites", "fewshot_plurals"])
+def test_the_few_shot_tasks_complete_a_line_whose_shots_are_not_items(task, tmp_path):
+    from objectives.tasks import load_examples, resolve_task
+    spec = resolve_task(task)
+    examples = load_examples(spec, tmp_path)
+    shots = spec.prompt_template.split("{question}")[0].rsplit("\n", 1)[0]  # the solved lines
+    assert len(examples) == 40 and shots.count("\n") >= 2
+    for example in examples:
+        assert example.prompt.startswith(shots + "\n") and not example.prompt.endswith((" ", "\n"))
+        if task != "fewshot_arithmetic":  # a digit sum's answer may be a shot's digit
+            assert not any(re.search(rf"\b{re.escape(a)}\b", shots) for a in example.answers), example
