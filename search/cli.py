@@ -703,13 +703,24 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _out_folder(out: Path, flag: str) -> None:
+    """Where a checkpoint is written: a folder, or a path one can be made at."""
+    from search.config import ConfigError
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag}{out} is a file; a checkpoint is a folder")
+
+
 def cmd_make_toy(args) -> int:
+    _out_folder(args.out, "")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     from search.toy_model import build
     print(build(args.out, seed=args.seed))
     return 0
 
 
 def cmd_make_twin(args) -> int:
+    _out_folder(args.out, "--out ")
     from search.twin import build
     print(json.dumps(build(args.out, device=args.device, toy=args.toy)), flush=True)
     print(args.out)
