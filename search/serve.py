@@ -95,6 +95,16 @@ def engine_env(serve: ServeConfig) -> dict[str, str]:
     return {"VLLM_TEST_FORCE_FP8_MARLIN": "1"} if serve.fp8_kernel == "marlin" else {}
 
 
+def uni_env(config: dict[str, Any]) -> dict[str, str]:
+    """vLLM's CPU platform turns `distributed-executor-backend: uni` back into "mp" unless engine
+    multiprocessing is off (a CPU start took 37.0 s without it, 17.5 s with it)."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if config.get("distributed-executor-backend") == "uni" else {}
+
+
+# Variables a study sets on every server it starts (cli.py), whatever the configuration.
+STUDY_SERVER_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}  # field notes: the FlashInfer sampler hangs at first use
+
+
 def compile_cache_env(root: Path) -> dict[str, str]:
     """The server environment that keeps what a start compiles under the tool's cache: vLLM's
     torch.compile / AOT artifacts (and its model-info and FlashInfer caches) and Triton's kernels.
@@ -270,10 +280,10 @@ def launch(python: str, model: Path, config: dict[str, Any], workdir: Path,
     port = free_port()
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), "--config", str(config_path)]
-    env = {**os.environ, **(env or {})}
-    if config.get("distributed-executor-backend") == "uni":
-        # vLLM's CPU platform turns "uni" back into "mp" unless engine multiprocessing is off.
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    own = {**(env or {}), **uni_env(config)}
+    # What this server had in its environment beyond the caller's: a deployment needs it too (search/export.py).
+    (workdir / "server_env.json").write_text(json.dumps(own, indent=1, sort_keys=True))
+    env = {**os.environ, **own}
     with open(log_path, "w") as log:
         process = subprocess.Popen(lifeline.command(os.getpid(), cmd), stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env=env, cwd=workdir)

@@ -1,10 +1,18 @@
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from search.export import Point, export, figures, pareto_front
+from search import config as cfg
+from search import serve
+from search.config import ConfigError
+from search.export import PROJECT, Point, export, figures, pareto_front
+from search.serve import vllm_config
 
 
 def test_pareto_front_hand_computed():
@@ -36,7 +44,7 @@ def test_export_writes_front_and_deployables(tmp_path):
     for row in out:
         folder = tmp_path / "front" / f"trial-{row['trial']:04d}"
         assert (folder / "vllm_config.yaml").exists() and (folder / "recipe.yaml").exists()
-        assert "vllm serve" in (folder / "README.md").read_text()
+        assert "-m vllm.entrypoints.openai.api_server --model checkpoint" in (folder / "README.md").read_text()
     made = figures(study, tmp_path / "fig")
     assert made["pareto"].stat().st_size > 0 and made["history"].stat().st_size > 0
 
@@ -66,6 +74,7 @@ def test_an_export_under_a_memory_budget_pins_the_kv_cache_it_had_not_the_hosts_
 
 def test_a_chosen_trial_is_exported_even_off_the_front_and_an_unmeasured_one_is_refused(tmp_path):
     study = optuna.create_study()
+    (tmp_path / "vllm_config.yaml").write_text("max-num-seqs: 4\n")
     for energy, recovery in ((1.0, 1.0), (2.0, 0.9)):  # the second is dominated: off the front
         trial = study.ask()
         trial.suggest_categorical("compress.scheme", ["none"])
@@ -77,3 +86,117 @@ def test_a_chosen_trial_is_exported_even_off_the_front_and_an_unmeasured_one_is_
     assert [r["trial"] for r in export(study, tmp_path / "chosen", [1])] == [1]
     with pytest.raises(ValueError, match="no measured trial 7"):
         export(study, tmp_path / "none", [7])
+
+
+def _one_trial_study(storage: str, workdir: Path, config: dict, name: str = "s") -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=storage)
+    study.set_user_attr("model", "toy")
+    trial = study.ask()
+    trial.suggest_categorical("compress.scheme", [config.get("compress.scheme", "none")])
+    for key, value in {"workdir": str(workdir), "feasible": True, "energy_source": "estimate",
+                       "metrics": {"recovery_mean": 1.0}, "config": config}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, 3.0)
+    return study
+
+
+def test_an_export_whose_trial_files_are_missing_says_so_and_writes_nothing(tmp_path):
+    study = _one_trial_study(None, tmp_path / "gone" / "trial-0000", {"compress.scheme": "none"})
+    with pytest.raises(ConfigError, match=r"the files of trial 0 are missing \(no vllm_config.yaml in .*gone"):
+        export(study, tmp_path / "front")
+    assert not (tmp_path / "front").exists()
+
+
+def test_an_exported_point_carries_its_servers_environment_and_request_settings(tmp_path):
+    """The README's commands name the project's own environments by absolute path (they run from any
+    folder), start vLLM as the product does (the module: the CPU build has no `vllm` metadata), with
+    the variables the trial's server had, and give the request settings no server can default."""
+    home = tmp_path / "home"
+    workdir = home / "studies" / "s" / "trial-0000"
+    workdir.mkdir(parents=True)
+    config = {"compress.scheme": "none", "serve.distributed_executor_backend": "uni", "serve.fp8_kernel": "marlin",
+              "workload.quality": "fidelity", "workload.max_tokens": 12}
+    engine = vllm_config(cfg.build(config).serve, cfg.build(config).compress)
+    (workdir / "vllm_config.yaml").write_text(yaml.safe_dump(engine))
+    study = _one_trial_study(None, workdir, config)
+    export(study, tmp_path / "front", home=home)
+    folder = tmp_path / "front" / "trial-0000"
+    env = json.loads((folder / "server_env.json").read_text())
+    # No server_env.json in the trial's folder (a trial from before it was written): what its config implies.
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_TEST_FORCE_FP8_MARLIN": "1",
+                   "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    request = json.loads((folder / "request.json").read_text())
+    assert request["max_tokens"] == 12 and request["skip_special_tokens"] is False and request["ignore_eos"] is True
+    readme = (folder / "README.md").read_text()
+    assert f"{PROJECT}/.venvs/main/bin/python -m search compress --home {home.resolve()} --model toy" in readme
+    assert (f"env VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_TEST_FORCE_FP8_MARLIN=1 VLLM_USE_FLASHINFER_SAMPLER=0 "
+            f"{PROJECT}/.venvs/serve/bin/python -m vllm.entrypoints.openai.api_server --model checkpoint "
+            f"--config {folder.resolve()}/vllm_config.yaml") in readme
+    assert "vllm serve" not in readme and '"skip_special_tokens": false' in readme
+    # A recorded environment wins, less the study's machine-local compile caches.
+    (workdir / "server_env.json").write_text(json.dumps({"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_CACHE_ROOT": "/x",
+                                                         "TRITON_CACHE_DIR": "/x/t", "A": "1"}))
+    export(study, tmp_path / "front", home=home)
+    assert json.loads((folder / "server_env.json").read_text()) == {"A": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+
+
+def test_a_servers_launch_records_the_environment_it_adds(tmp_path, monkeypatch):
+    started = {}
+
+    class Process:
+        pid = 0
+
+        def __init__(self, cmd, env, **kwargs):
+            started.update(env=env)
+
+    monkeypatch.setattr(serve.subprocess, "Popen", Process)
+    serve.launch("python", tmp_path, {"distributed-executor-backend": "uni"}, tmp_path, {"X": "1"})
+    recorded = json.loads((tmp_path / "server_env.json").read_text())
+    assert recorded == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "X": "1"}
+    assert all(started["env"][k] == v for k, v in recorded.items())
+
+
+def test_a_study_folder_copied_elsewhere_is_read_exported_and_reviewed_from_the_copy(tmp_path):
+    """A finished study's home (Optuna, MLflow with its artifacts, the trial folders) copied to another
+    folder, the original moved away: status, export and MLflow's artifacts all read the copy."""
+    from mlflow.tracking import MlflowClient
+    original = tmp_path / "original"
+    workdir = original / "studies" / "s" / "trial-0000"
+    workdir.mkdir(parents=True)
+    (workdir / "vllm_config.yaml").write_text("max-num-seqs: 4\n")
+    (workdir / "recipe.yaml").write_text("# no compression\n")
+    _one_trial_study(f"sqlite:///{original / 'optuna.db'}", workdir, {"compress.scheme": "none"})
+    client = MlflowClient(f"sqlite:///{original / 'mlflow.db'}")
+    experiment = client.create_experiment("s", artifact_location=(original / "mlartifacts").resolve().as_uri())
+    run = client.create_run(experiment).info.run_id
+    client.log_artifact(run, str(workdir / "recipe.yaml"))
+    client.set_terminated(run)
+    copy = tmp_path / "elsewhere" / "home-copy"
+    shutil.copytree(original, copy)
+    original.rename(tmp_path / "moved-away")  # nothing may still read the original's folder
+    caller = tmp_path / "caller"
+    caller.mkdir()
+
+    def search(*args):
+        proc = subprocess.run([sys.executable, "-m", "search", *args, "--home", str(copy), "--study", "s"],
+                              cwd=caller, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    assert "best feasible: trial 0" in search("status")
+    search("export", "--out", "front")
+    exported = caller / "front" / "trial-0000"
+    assert (exported / "recipe.yaml").read_text() == "# no compression\n"
+    assert f"--home {copy.resolve()}" in (exported / "README.md").read_text()
+    # Review: the copy's MLflow store names the copy's artifacts, and they are there.
+    client = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    info = client.get_run(run).info
+    assert info.artifact_uri.startswith((copy / "mlartifacts").resolve().as_uri())
+    assert client.get_experiment(experiment).artifact_location == (copy / "mlartifacts").resolve().as_uri()
+    assert [a.path for a in client.list_artifacts(run)] == ["recipe.yaml"]
+    assert Path(client.download_artifacts(run, "recipe.yaml", str(tmp_path))).read_text() == "# no compression\n"
+    # A folder whose trial files were left behind fails the export, naming them.
+    shutil.rmtree(copy / "studies")
+    proc = subprocess.run([sys.executable, "-m", "search", "export", "--home", str(copy), "--study", "s", "--out", "f2"],
+                          cwd=caller, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "the files of trial 0 are missing" in proc.stderr
