@@ -27,6 +27,22 @@ MAX_NAME = 240  # MLflow keeps longer run names, but a name is read in one table
 # The experiment's runs, sorted by energy per request (trials without one, not measured, come last).
 SORTED_VIEW = "#/experiments/{experiment_id}/runs?orderByKey=" + quote("metrics.`energy_j_per_request`") + \
     "&orderByAsc=true"
+# MLflow's shared view (its "Share" button): an experiment tag `mlflow.sharedViewState.KEY` holding the
+# runs table's sort, columns and widths, opened by `?viewStateShareKey=KEY`. This one adds the answer's
+# columns to the default ones and widens the run names.
+VIEW_KEY = "answer"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+ANSWER_VIEW = "#/experiments/{experiment_id}?viewStateShareKey=" + VIEW_KEY
+ANSWER_COLUMNS = ["tags.`verdict`", "metrics.`energy_j_per_request`", "tags.`energy_source`",
+                  "metrics.`energy_vs_reference`", "metrics.`recovery_mean`", "metrics.`gate_threshold`",
+                  "tags.`settings_vs_reference`"]
+
+
+def answer_view() -> dict[str, Any]:
+    """The shared view's state: the trials sorted by energy per request, the answer's columns shown."""
+    return {"orderByKey": "metrics.`energy_j_per_request`", "orderByAsc": True, "searchFilter": "",
+            "selectedColumns": ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", *ANSWER_COLUMNS],
+            "columnWidths": {"attributes.`Run Name`": 560, "tags.`settings_vs_reference`": 360}}
 VERDICTS = {"pass": "PASS", "gate": "BELOW GATE", "slo": "MISSES SLO", "repeat": "REPEAT", "PRUNED": "PRUNED",
             "INFEASIBLE": "INFEASIBLE", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "WAITING"}
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "INFEASIBLE": "KILLED"}  # else FAILED
@@ -231,7 +247,8 @@ def study_view(name: str, rows: list[Row], best: Row | None, counts: Mapping[str
                job: str | None, top: int = 10) -> dict[str, Any]:
     """What the study's parent run and its experiment say: the best feasible trial, its saving and
     the break-even, the trials sorted by energy. `{experiment_id}` in the notes is the tracker's."""
-    link = f"[every trial sorted by energy per request]({SORTED_VIEW})"
+    link = (f"[every trial sorted by energy per request, with its verdict, energy, recovery and settings]"
+            f"({ANSWER_VIEW}) (or [sorted, default columns]({SORTED_VIEW}))")
     states = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
     if best is None:
         headline = f"study {name}: no feasible trial yet"

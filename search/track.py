@@ -195,6 +195,8 @@ class Tracker:
             self.client.log_table(parent, record["table"], "trials.json")
             note = record["experiment_note"].replace("{experiment_id}", self.experiment_id())
             self.client.set_experiment_tag(self.experiment_id(), "mlflow.note.content", note[:5000])
+            from search.review import VIEW_TAG, answer_view
+            self.client.set_experiment_tag(self.experiment_id(), VIEW_TAG, json.dumps(answer_view()))
         elif kind == "end":
             self.client.set_terminated(parent, record["status"])
 

@@ -142,6 +142,11 @@ def test_the_study_run_and_the_experiment_name_the_best_feasible_trial(small_stu
     described = client.get_experiment(experiment.experiment_id).tags["mlflow.note.content"]
     assert described.startswith("**Best feasible: trial 1**")
     assert f"#/experiments/{experiment.experiment_id}/runs?orderByKey=metrics.%60energy_j_per_request%60" in described
+    # ... and MLflow's own shared view: sorted by energy, the answer's columns beside the default ones.
+    assert f"#/experiments/{experiment.experiment_id}?viewStateShareKey=answer" in described
+    view = json.loads(client.get_experiment(experiment.experiment_id).tags["mlflow.sharedViewState.answer"])
+    assert view["orderByKey"] == "metrics.`energy_j_per_request`" and view["orderByAsc"] is True
+    assert {"tags.`verdict`", "metrics.`recovery_mean`", "tags.`energy_source`"} <= set(view["selectedColumns"])
     # The parent's table: every trial, feasible ones first by energy.
     table = json.load(open(client.download_artifacts(parent.info.run_id, "trials.json", str(home))))
     trial_column = table["columns"].index("trial")
