@@ -17,13 +17,15 @@ import json
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import optuna
 import yaml
 
 from search import config as cfg
 from search.config import ConfigError, Infeasible  # noqa: F401  (Infeasible: re-exported)
+
+if TYPE_CHECKING:  # Optuna is imported where a distribution is made: a space file is checked without it
+    import optuna
 
 _TOP_KEYS = {"model", "fixed", "params", "constraints", "reference", "description"}
 _PARAM_KEYS = {"choices", "low", "high", "step", "log", "when"}
@@ -40,6 +42,7 @@ class Param:
     when: dict[str, tuple] = field(default_factory=dict)
 
     def distribution(self) -> optuna.distributions.BaseDistribution:
+        import optuna
         if self.choices is not None:
             return optuna.distributions.CategoricalDistribution(self.choices)
         if all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high)) and (
