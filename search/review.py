@@ -261,10 +261,14 @@ def study_view(name: str, rows: list[Row], best: Row | None, counts: Mapping[str
             f", {abs(saving):.1%} {'less' if saving >= 0 else 'more'} energy than the reference's "
             f"{best.reference_j:.4g} J/request")
         headline = (f"study {name}: best trial-{best.number:03d} {energy_text(best)}"
-                    + ("" if saving is None else f" ({-saving:+.1%} energy vs reference)"))
+                    + (" (the reference configuration)" if best.changed == {} else
+                       "" if saving is None else f" ({-saving:+.1%} energy vs reference)"))
         answer = (f"**Best feasible: trial {best.number}**, {energy_text(best)}{saving_text}; "
                   f"{recovery_text(best)}. Settings that differ from the reference: {settings_line(best)}. "
                   f"Break-even of the search: {break_even}.")
+        if best.changed == {}:  # the reference configuration itself: nothing searched beat it
+            answer += " The best feasible trial ran the reference configuration: no configuration searched so " \
+                      "far uses less energy per request."
         tags = {"best_trial": str(best.number), "best_settings": settings_line(best),
                 "best_energy": energy_text(best), "break_even": break_even}
         metrics = {"best_j_per_request": best.energy}

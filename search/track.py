@@ -192,7 +192,7 @@ class Tracker:
             self.client.log_batch(parent, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
                                                    for k, v in record["metrics"].items()],
                                   tags=[RunTag(k, _safe(k, v)) for k, v in record["tags"].items()])
-            self.client.log_table(parent, record["table"], "trials.json")
+            self._log_table(parent, record["table"], "trials.json")
             note = record["experiment_note"].replace("{experiment_id}", self.experiment_id())
             self.client.set_experiment_tag(self.experiment_id(), "mlflow.note.content", note[:5000])
             from search.review import VIEW_TAG, answer_view
@@ -232,6 +232,18 @@ class Tracker:
                 self._log_artifact(run_id, artifact)
         # Pruned and infeasible trials end KILLED (stopped before their measurement), failed ones FAILED.
         self.client.set_terminated(run_id, view["status"], end_time=record.get("end_ms"))
+
+    def _log_table(self, run_id: str, columns: dict[str, list], name: str) -> None:
+        """A table artifact as MLflow's log_table writes one (pandas' "split" JSON, listed in the run's
+        `mlflow.loggedArtifacts` tag, which the UI shows as a table), replaced, not appended to as
+        log_table does with an existing file (each run of the study logs the whole table again)."""
+        names = list(columns)
+        rows = [list(row) for row in zip(*(columns[n] for n in names))]
+        self.client.log_dict(run_id, {"columns": names, "data": rows}, name)
+        run = self.client.get_run(run_id)
+        listed = json.loads(run.data.tags.get("mlflow.loggedArtifacts", "[]"))
+        if {"path": name, "type": "table"} not in listed:
+            self.client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*listed, {"path": name, "type": "table"}]))
 
     def _log_artifact(self, run_id: str, path: str) -> None:
         """Text artifacts (logs, configs, answers) go up with any credential in them hidden."""

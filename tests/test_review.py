@@ -212,3 +212,15 @@ def test_figures_carry_units_the_gate_and_the_evaluator_used(small_study, tmp_pa
     importances, evaluator = figures_mod.importances_of(study.trials[:3] * 2)
     assert figures_mod.evaluator_label(evaluator) == "PED-ANOVA, top 10% of trials"
     assert type(evaluator) is type(optuna.importance.PedAnovaImportanceEvaluator())
+
+
+def test_the_trials_table_is_replaced_when_the_study_runs_again(small_study):
+    home, study = small_study
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "glance", home / "mlartifacts", home / "spool-again")
+    tracker.log_review(review.from_study(study))
+    assert tracker.flush() == 0
+    client, _, runs, _ = runs_by_trial(home)
+    parent = next(r for r in runs if r.data.tags.get("search.study_parent") == "true")
+    table = json.load(open(client.download_artifacts(parent.info.run_id, "trials.json", str(home / "again"))))
+    assert len(table["data"]) == 6  # not 12: MLflow's log_table would have appended
+    assert json.loads(parent.data.tags["mlflow.loggedArtifacts"]) == [{"path": "trials.json", "type": "table"}]
