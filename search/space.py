@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,13 @@ class Param:
         return all(values.get(key) in allowed for key, allowed in self.when.items())
 
     def suggest(self, trial: optuna.Trial) -> Any:
-        return trial._suggest(self.name, self.distribution())
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+        dist = self.distribution()
+        if isinstance(dist, CategoricalDistribution):
+            return trial.suggest_categorical(self.name, dist.choices)
+        if isinstance(dist, IntDistribution):
+            return trial.suggest_int(self.name, dist.low, dist.high, step=dist.step, log=dist.log)
+        return trial.suggest_float(self.name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
 @dataclass(frozen=True)
@@ -178,10 +185,16 @@ class Space:
 
 
 def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    try:
-        return dist._contains(dist.to_internal_repr(value))
-    except (ValueError, TypeError):
+    """Whether the sampler could have suggested `value` (Optuna's own test of this is private)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not dist.low <= value <= dist.high:
         return False
+    if isinstance(dist, IntDistribution) and not float(value).is_integer():
+        return False
+    step = getattr(dist, "step", None)
+    return step is None or math.isclose((value - dist.low) / step, round((value - dist.low) / step), abs_tol=1e-8)
 
 
 def load(path: str | Path) -> Space:
