@@ -28,11 +28,11 @@ MAX_NAME = 240  # MLflow keeps longer run names, but a name is read in one table
 SORTED_VIEW = "#/experiments/{experiment_id}/runs?orderByKey=" + quote("metrics.`energy_j_per_request`") + \
     "&orderByAsc=true"
 # MLflow's shared view (its "Share" button): an experiment tag `mlflow.sharedViewState.KEY` holding the
-# runs table's sort, columns and widths, opened by `?viewStateShareKey=KEY`. This one adds the answer's
-# columns to the default ones and widens the run names.
+# runs table's sort, columns and widths, opened by `?viewStateShareKey=KEY`. This one shows the answer's
+# columns where the default view has Source, Models and Dataset (empty for a study), and wider run names.
 VIEW_KEY = "answer"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-ANSWER_VIEW = "#/experiments/{experiment_id}?viewStateShareKey=" + VIEW_KEY
+ANSWER_VIEW = "#/experiments/{experiment_id}/runs?viewStateShareKey=" + VIEW_KEY
 ANSWER_COLUMNS = ["tags.`verdict`", "metrics.`energy_j_per_request`", "tags.`energy_source`",
                   "metrics.`energy_vs_reference`", "metrics.`recovery_mean`", "metrics.`gate_threshold`",
                   "tags.`settings_vs_reference`"]
@@ -41,8 +41,7 @@ ANSWER_COLUMNS = ["tags.`verdict`", "metrics.`energy_j_per_request`", "tags.`ene
 def answer_view() -> dict[str, Any]:
     """The shared view's state: the trials sorted by energy per request, the answer's columns shown."""
     return {"orderByKey": "metrics.`energy_j_per_request`", "orderByAsc": True, "searchFilter": "",
-            "selectedColumns": ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", *ANSWER_COLUMNS],
-            "columnWidths": {"attributes.`Run Name`": 560, "tags.`settings_vs_reference`": 360}}
+            "selectedColumns": ANSWER_COLUMNS, "columnWidths": {"attributes.`Run Name`": 420}}
 VERDICTS = {"pass": "PASS", "gate": "BELOW GATE", "slo": "MISSES SLO", "repeat": "REPEAT", "PRUNED": "PRUNED",
             "INFEASIBLE": "INFEASIBLE", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "WAITING"}
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "INFEASIBLE": "KILLED"}  # else FAILED
