@@ -2,9 +2,10 @@
 (the reference scored against itself under other sampling seeds, and greedy against greedy), and
 what workload.verbosity and workload.max_tokens do to output tokens, accuracy and energy per request.
 
-One vLLM CPU server of the bf16 SmolLM2-135M-Instruct checkpoint serves every run. Recovery is the
-paired bootstrap of objectives/recovery.py, per task, with the gate's mean over tasks. Usage:
-  python bench/real_model_quality.py --home HOME --out bench/results/FILE.json [--seeds 5]
+One vLLM CPU server of the real model's bf16 checkpoint serves every run (SmolLM2-135M-Instruct, or
+Gemma 3 270M with --model gemma3-270m --space spaces/gemma3-270m.yaml). Recovery is the paired
+bootstrap of objectives/recovery.py, per task, with the gate's mean over tasks. Usage:
+  python bench/real_model_quality.py --home HOME --out bench/results/FILE.json [--seeds 5] [--model M --space S]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -96,21 +99,27 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--model", default=REAL)
+    parser.add_argument("--space", type=Path, default=SPACE)
     args = parser.parse_args()
     serve_python = str(PROJECT / ".venvs" / "serve" / "bin" / "python")
-    model = resolve_model(REAL, args.home, serve_python, str(PROJECT / ".venvs" / "main" / "bin" / "python"))
-    reference = space.load(SPACE).reference_config()
+    model = resolve_model(args.model, args.home, serve_python, str(PROJECT / ".venvs" / "main" / "bin" / "python"))
+    space_path = args.space.resolve()
+    reference = space.load(space_path).reference_config()
+    max_tokens = yaml.safe_load(space_path.read_text())["params"]["workload.max_tokens"]["choices"]
     prompts = workload.load_prompts(reference.workload, args.home / "data")
     pool = ServerPool(serve_python)
     out = {"command": " ".join(["python", *sys.argv]), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "machine": machine(), "space": str(SPACE.relative_to(PROJECT)), "n_items": len(prompts)}
+           "machine": machine(), "model": args.model, "space": str(space_path.relative_to(PROJECT)),
+           "n_items": len(prompts)}
     greedy = reference.workload
     sampled = greedy.model_copy(update={"decoding": "sampled"})
     # Most telling first; the file is rewritten after every run, so a stopped bench keeps what it measured.
     plan = {"greedy": greedy, **{f"sampled_seed{s}": sampled.model_copy(update={"seed": s}) for s in range(3)},
             "greedy_again": greedy,
             **{f"greedy_{v}_max{m}": greedy.model_copy(update={"verbosity": v, "max_tokens": m})
-               for v in ("model", "concise", "terse") for m in (16, 32) if (v, m) != ("model", 32)},
+               for v in ("model", "concise", "terse") for m in max_tokens
+               if (v, m) != (greedy.verbosity, greedy.max_tokens)},
             **{f"sampled_seed{s}": sampled.model_copy(update={"seed": s}) for s in range(3, args.seeds)}}
     runs: dict[str, dict] = {}
     try:
