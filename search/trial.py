@@ -175,9 +175,12 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
                                             screen_results, fidelity_rows, prompts_by_id, [p.id for p in prompts])
                 except TrialPruned:
                     record.spent["pruned_at_screen"] = 1.0  # nothing measured: no energy window was run
-                    # What the screen was answered goes with the pruned trial (its MLflow run).
+                    # What the screen found goes with the pruned trial (its MLflow run): the answers
+                    # (labels) and each teacher-forced item's agreement with the reference.
                     (workdir / "screen_answers.jsonl").write_text(
-                        "".join(json.dumps(r.as_dict()) + "\n" for r in screen_results))
+                        "".join(json.dumps(r.as_dict()) + "\n" for r in screen_results) +
+                        "".join(json.dumps({"task": task, "top1_agreement": top1, "topk_kl": kl}) + "\n"
+                                for task, top1, kl in fidelity_rows))
                     raise
 
         with stages("workload"):
