@@ -161,9 +161,10 @@ def request_body(model: str, prompt: Prompt, workload: WorkloadConfig, index: in
         "stream": True,
         "stream_options": {"include_usage": True},
         # Fidelity teacher-forces the baseline's answer as text: keep every generated token in it. A
-        # replayed request is never teacher-forced: its answer ends where the model ends it.
-        **({"skip_special_tokens": False, "ignore_eos": True} if workload.quality == "fidelity" and not prompt.chat
-           else {}),
+        # replayed request is never teacher-forced: its answer ends where the model ends it, and every
+        # token it generates is streamed (a special token too), so the windows see each token's time.
+        **({"skip_special_tokens": False} if prompt.chat else
+           {"skip_special_tokens": False, "ignore_eos": True} if workload.quality == "fidelity" else {}),
     }
 
 

@@ -146,3 +146,4 @@ def test_a_replayed_file_drives_the_measured_window_with_the_counts_it_implies(t
     assert all(b["messages"][0] == {"role": "system", "content": workload.SYSTEM_PROMPTS["terse"]}
                for b in _Stub.bodies)
     assert all(not b["ignore_eos"] for b in _Stub.bodies)  # the answer's length is the model's own
+    assert all(b["skip_special_tokens"] is False for b in _Stub.bodies)  # every token streamed, timed
