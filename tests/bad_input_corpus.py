@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Outcome:
     returncode: int
     stderr: str
     elapsed_s: float
+    cpu_s: float  # the child's user + system time: what the refusal costs, however busy the machine is
     home_before: str
     home_after: str
 
@@ -97,8 +99,11 @@ def run_case(case: dict, tmp: Path, study_db: Path | None = None, python: str = 
     elif via == "env":
         env["SEARCH_HOME"] = str(home)
     before = _state(home)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run([python, "-m", "search", *argv], cwd=PROJECT, env=env, capture_output=True, text=True,
                           timeout=120)
     elapsed = time.perf_counter() - started
-    return Outcome(argv, proc.returncode, proc.stderr, elapsed, before, _state(home))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    return Outcome(argv, proc.returncode, proc.stderr, elapsed, cpu, before, _state(home))
