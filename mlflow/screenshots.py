@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             page = "mlflow-runs.png (the experiment as it opens)"
             check(page, f"the description names the best feasible trial ({best!r})", visible(text, best))
             check(page, f"the best trial's row shows {expect['best_name']!r}", visible(text, expect["best_name"]))
+            check(page, "the folded description links the sorted view", visible(text, "every trial by energy"))
 
             # The view the experiment's description links: MLflow's shared view state (search/review.py).
             text = load(f"{experiment}/runs?viewStateShareKey=answer", args.out / "mlflow-runs-by-energy.png",

@@ -283,8 +283,12 @@ def study_view(name: str, rows: list[Row], best: Row | None, counts: Mapping[str
                       _table(shown, ["trial", "verdict", "J/request", "source", "x reference", "recovery",
                                      "settings vs reference"])])
     tags["mlflow.note.content"] = body
+    # The description above the runs table opens folded to its first lines: the view's link goes there.
+    short = f"([every trial by energy]({ANSWER_VIEW}))"
+    head = None if best is None else f"**Best feasible: trial {best.number}**"
+    first = answer.replace(head, f"{head} {short}", 1) if head else f"{answer} {short}"
     return {"name": headline[:MAX_NAME], "tags": tags, "metrics": metrics, "table": table(rows),
-            "experiment_note": f"{answer}\n\n{link}; the study's run `{headline[:MAX_NAME]}` has the table, "
+            "experiment_note": f"{first}\n\n{link}; the study's run `{headline[:MAX_NAME]}` has the table, "
                                "the figures and the search's bill."}
 
 

@@ -243,7 +243,8 @@ class Tracker:
         run = self.client.get_run(run_id)
         listed = json.loads(run.data.tags.get("mlflow.loggedArtifacts", "[]"))
         if {"path": name, "type": "table"} not in listed:
-            self.client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps([*listed, {"path": name, "type": "table"}]))
+            listed.append({"path": name, "type": "table"})
+            self.client.set_tag(run_id, "mlflow.loggedArtifacts", json.dumps(listed))
 
     def _log_artifact(self, run_id: str, path: str) -> None:
         """Text artifacts (logs, configs, answers) go up with any credential in them hidden."""
