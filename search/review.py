@@ -44,6 +44,9 @@ def answer_view() -> dict[str, Any]:
             "selectedColumns": ANSWER_COLUMNS, "columnWidths": {"attributes.`Run Name`": 420}}
 VERDICTS = {"pass": "PASS", "gate": "BELOW GATE", "slo": "MISSES SLO", "repeat": "REPEAT", "PRUNED": "PRUNED",
             "INFEASIBLE": "INFEASIBLE", "FAIL": "FAILED", "RUNNING": "RUNNING", "WAITING": "WAITING"}
+# A trial run's metrics in the order its page lists them: the answer first, then the rest as logged.
+KEY_METRICS = ("energy_j_per_request", "energy_vs_reference", "recovery_mean", "recovery_margin", "gate_threshold",
+               "energy_net_j", "tokens_per_wh", "trial_s")
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "INFEASIBLE": "KILLED"}  # else FAILED
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from search.redaction import redact
+from search.review import KEY_METRICS
 
 _PARENT_TAG = "search.study_parent"
 # A tracking server that is away must cost a trial seconds, not MLflow's default minutes of retries.
@@ -217,8 +218,11 @@ class Tracker:
                                             run_name=view["name"], tags={
                 "search.study_run": self.parent_run_id(), "search.trial": str(record["number"])}).info.run_id
         now = record.get("end_ms") or int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, 0) for k, v in {**record["metrics"], **view["metrics"]}.items()
-                   if isinstance(v, (int, float)) and v == v]
+        values = {**record["metrics"], **view["metrics"]}
+        # The answer's metrics first: a run's page lists its metrics in the order they were logged.
+        ordered = [k for k in KEY_METRICS if k in values] + [k for k in values if k not in KEY_METRICS]
+        metrics = [Metric(k, float(values[k]), now, 0) for k in ordered
+                   if isinstance(values[k], (int, float)) and values[k] == values[k]]
         params = [Param(k.replace("/", "_"), _safe(k, v)) for k, v in record["params"].items()]
         tags = [RunTag(k, _safe(k, v)) for k, v in {**record["tags"], **view["tags"]}.items()]
         for i in range(0, max(len(metrics), len(params), len(tags)), 100):

@@ -116,6 +116,9 @@ def test_each_trials_row_says_its_state_energy_recovery_and_verdict(small_study)
         "recovery 0.600 < gate 0.8")
     assert trials[1].data.metrics["energy_vs_reference"] == pytest.approx(2 / 3)
     assert "**trial 1: PASS**" in trials[1].data.tags["mlflow.note.content"]
+    # A run's page lists its metrics as logged: the answer's first.
+    assert list(trials[1].data.metrics)[:4] == ["energy_j_per_request", "energy_vs_reference", "recovery_mean",
+                                                "recovery_margin"]
 
 
 def test_a_pruned_trial_keeps_what_it_produced(small_study):
@@ -143,7 +146,7 @@ def test_the_study_run_and_the_experiment_name_the_best_feasible_trial(small_stu
     assert described.startswith("**Best feasible: trial 1**")
     assert f"#/experiments/{experiment.experiment_id}/runs?orderByKey=metrics.%60energy_j_per_request%60" in described
     # ... and MLflow's own shared view: sorted by energy, the answer's columns beside the default ones.
-    assert f"#/experiments/{experiment.experiment_id}?viewStateShareKey=answer" in described
+    assert f"#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=answer" in described
     view = json.loads(client.get_experiment(experiment.experiment_id).tags["mlflow.sharedViewState.answer"])
     assert view["orderByKey"] == "metrics.`energy_j_per_request`" and view["orderByAsc"] is True
     assert {"tags.`verdict`", "metrics.`recovery_mean`", "tags.`energy_source`"} <= set(view["selectedColumns"])
