@@ -227,3 +227,27 @@ def test_the_trials_table_is_replaced_when_the_study_runs_again(small_study):
     table = json.load(open(client.download_artifacts(parent.info.run_id, "trials.json", str(home / "again"))))
     assert len(table["data"]) == 6  # not 12: MLflow's log_table would have appended
     assert json.loads(parent.data.tags["mlflow.loggedArtifacts"]) == [{"path": "trials.json", "type": "table"}]
+
+
+def test_a_study_made_with_named_constraint_keys_goes_on_with_them():
+    """GP compares the names of every trial's constraints: a study whose trials hold Optuna 5's named
+    keys (made before the list) keeps them; a new study stores the list optuna-dashboard reads."""
+    from search.summaries import set_constraints
+    old = optuna.create_study()
+    trial = old.ask()
+    trial.set_constraint("recovery_gate", -0.1)
+    trial.set_constraint("runs_here", 0.0)
+    old.tell(trial, 1.0)
+    trial = old.ask()
+    set_constraints(trial, {"runs_here": 0.0, "recovery_gate": 0.2})
+    old.tell(trial, 2.0)
+    assert old.trials[1].constraints == {"recovery_gate": 0.2, "runs_here": 0.0}
+    assert "constraints" not in old.trials[1].system_attrs
+
+    new = optuna.create_study()
+    trial = new.ask()
+    set_constraints(trial, {"slo_ttft_p90_ms": -3.0, "runs_here": 0.0, "recovery_gate": 0.2})
+    new.tell(trial, 2.0)
+    assert new.trials[0].system_attrs["constraints"] == [0.2, 0.0, -3.0]  # gate, runs_here, latency limits
+    assert constraints_of(new.trials[0]) == {"recovery_gate": 0.2, "runs_here": 0.0, "slo_ttft_p90_ms": -3.0}
+    assert list(new.trials[0].constraints.values()) == [0.2, 0.0, -3.0]  # what the samplers read
