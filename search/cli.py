@@ -529,7 +529,7 @@ def cmd_run(args) -> int:
     from search import feasibility, trial as trial_mod
     from search.compress import CheckpointCache, Compressor
     from search.compress.stage import model_fingerprint
-    from search.export import figures
+    from search.figures import figures
     from search.progress import Progress
     from search.redaction import redact
     from search.serve import ServerPool
@@ -665,7 +665,8 @@ def cmd_export(args) -> int:
         raise ConfigError(f"--out {args.out} is a file; export writes a folder")
     storage_url = _read_storage(args)
     from search import study as study_mod
-    from search.export import export, figures
+    from search.export import export
+    from search.figures import figures
     study = study_mod.load_study(args.study, storage_url)
     rows = export(study, args.out, args.trials, home=args.home.resolve())
     figures(study, args.out)

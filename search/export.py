@@ -1,4 +1,4 @@
-"""Pareto-front export and the study's figures.
+"""Pareto-front export.
 
 `pareto_front` is plain maths over (energy, recovery) points; `export` writes the front as CSV and
 JSON plus, for each point, a folder with its vllm_config.yaml, recipe.yaml and the commands that
@@ -12,7 +12,6 @@ import json
 import re
 import shlex
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,9 +243,3 @@ def _request_command(settings: dict[str, Any]) -> str:
     body = {"model": "checkpoint", "messages": [{"role": "user", "content": "Hello"}], **settings}
     return ("curl -s http://127.0.0.1:${PORT:-8000}/v1/chat/completions -H 'Content-Type: application/json' "
             f"-d {shlex.quote(json.dumps(body))}")
-
-
-def figures(study: optuna.Study, out_dir: Path) -> dict[str, Path]:
-    """The study's figures: search/figures.py (units, the gate, the importances' evaluator)."""
-    from search.figures import figures as make
-    return make(study, out_dir)

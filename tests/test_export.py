@@ -11,7 +11,8 @@ import yaml
 from search import config as cfg
 from search import serve
 from search.config import ConfigError
-from search.export import PROJECT, Point, export, figures, pareto_front
+from search.export import PROJECT, Point, export, pareto_front
+from search.figures import figures
 from search.serve import vllm_config
 
 
