@@ -35,7 +35,7 @@ from search.compress import CheckpointCache, CompressResult, Compressor, compres
 from search.compress import screen as pre_serve
 from search.config import ConfigError, Infeasible, TrialConfig, WorkloadConfig, flatten
 from search.energy import window_metrics
-from search.feasibility import Platform
+from search.platform import Platform
 from search.floor import floor_metrics
 from search.models import ModelFamily, family_of
 from search.serve import Server, ServerFailed, ServerPool, engine_env, vllm_config

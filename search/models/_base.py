@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from search.config import TrialConfig
-    from search.feasibility import Platform
+    from search.platform import Platform
 
 
 @dataclass(frozen=True)

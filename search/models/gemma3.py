@@ -31,7 +31,7 @@ from search.models._base import DecoderLayer, LinearShape, ModelFamily, ModuleNa
 
 if TYPE_CHECKING:
     from search.config import TrialConfig
-    from search.feasibility import Platform
+    from search.platform import Platform
 
 _LAYER = r"re:.*model\.layers\.\d+\."
 MODULES = ModuleNames(

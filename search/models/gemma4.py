@@ -28,7 +28,7 @@ from search.models._base import DecoderLayer, LinearShape, ModelFamily, ModuleNa
 
 if TYPE_CHECKING:
     from search.config import TrialConfig
-    from search.feasibility import Platform
+    from search.platform import Platform
 
 # transformers' default for full-attention layers when a config names neither global_head_dim nor
 # per_layer_config (Gemma4TextConfig.__post_init__).
