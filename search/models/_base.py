@@ -53,6 +53,23 @@ class ModuleNames:
     smoothquant_mappings: tuple[list, ...] = ()
 
 
+def dense_attention_mlp_linears(layers: list[DecoderLayer], hidden: int) -> list[LinearShape]:
+    """The Linear shapes of decoders with separate q/k/v/o projections and a gated MLP (Llama's and
+    Gemma 3's layout: `model.layers.N.self_attn.*_proj`, `model.layers.N.mlp.*_proj`)."""
+    out = []
+    for layer in layers:
+        p = f"model.layers.{layer.index}."
+        q_width, kv_width = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
+        out += [LinearShape(p + "self_attn.q_proj", hidden, q_width),
+                LinearShape(p + "self_attn.k_proj", hidden, kv_width),
+                LinearShape(p + "self_attn.v_proj", hidden, kv_width),
+                LinearShape(p + "self_attn.o_proj", q_width, hidden),
+                LinearShape(p + "mlp.gate_proj", hidden, layer.intermediate),
+                LinearShape(p + "mlp.up_proj", hidden, layer.intermediate),
+                LinearShape(p + "mlp.down_proj", layer.intermediate, hidden)]
+    return out
+
+
 def text_config(config: dict) -> dict:
     return config.get("text_config") or config
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.config import Infeasible
-from search.models._base import DecoderLayer, LinearShape, ModelFamily, ModuleNames, text_config
+from search.models._base import (DecoderLayer, LinearShape, ModelFamily, ModuleNames,
+                                 dense_attention_mlp_linears, text_config)
 
 if TYPE_CHECKING:
     from search.config import TrialConfig
@@ -65,19 +66,7 @@ class Llama(ModelFamily):
                 for i in range(tc["num_hidden_layers"])]
 
     def text_linears(self, config: dict) -> list[LinearShape]:
-        hidden = text_config(config)["hidden_size"]
-        out = []
-        for layer in self.decoder_layers(config):
-            p = f"model.layers.{layer.index}."
-            q_width, kv_width = layer.heads * layer.head_dim, layer.kv_heads * layer.head_dim
-            out += [LinearShape(p + "self_attn.q_proj", hidden, q_width),
-                    LinearShape(p + "self_attn.k_proj", hidden, kv_width),
-                    LinearShape(p + "self_attn.v_proj", hidden, kv_width),
-                    LinearShape(p + "self_attn.o_proj", q_width, hidden),
-                    LinearShape(p + "mlp.gate_proj", hidden, layer.intermediate),
-                    LinearShape(p + "mlp.up_proj", hidden, layer.intermediate),
-                    LinearShape(p + "mlp.down_proj", layer.intermediate, hidden)]
-        return out
+        return dense_attention_mlp_linears(self.decoder_layers(config), text_config(config)["hidden_size"])
 
     def small_params(self, config: dict) -> int:
         """input and post-attention RMSNorms per layer and the final norm, plus any biases."""
