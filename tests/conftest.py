@@ -52,3 +52,15 @@ def avx2_env() -> dict[str, str]:
     other CPU kind's path runs on this machine too."""
     import os
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(AVX2_CPU), os.environ.get("PYTHONPATH")]))}
+
+
+# What starts the serving environment (a server, a probe, the toy's build, a compression beside it).
+_HEAVY_FIXTURES = {"serve_python", "toy_model", "platform", "avx2_env"}
+
+
+def pytest_collection_modifyitems(items):
+    """`pytest -m "not slow"` runs what needs no server, compression or study: a developer's loop
+    of minutes; CI runs everything."""
+    for item in items:
+        if item.get_closest_marker("e2e") or _HEAVY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

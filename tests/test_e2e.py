@@ -18,6 +18,8 @@ from search import study as study_mod
 from search.summaries import constraints_of, measured
 from search_cli import run_cli
 
+pytestmark = pytest.mark.e2e  # studies, servers and compressions: minutes
+
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "e2e_space.yaml"
 

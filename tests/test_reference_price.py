@@ -5,8 +5,11 @@ bench/results/ holds the NVML evidence)."""
 from pathlib import Path
 
 import optuna
+import pytest
 
 from search_cli import run_cli
+
+pytestmark = pytest.mark.e2e  # studies, servers and compressions: minutes
 
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "e2e_space.yaml"

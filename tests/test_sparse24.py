@@ -21,6 +21,8 @@ from search.config import Infeasible
 
 from tests.test_compress import _load_in_vllm
 
+pytestmark = pytest.mark.e2e  # studies, servers and compressions: minutes
+
 TWO_FOUR = {"bf16": {"compress.scheme": "none", "compress.prune.method": "sparsegpt",
                      "compress.prune.mask_structure": "2:4"},
             "w4a16": {"compress.scheme": "w4a16", "compress.method": "rtn", "compress.prune.method": "sparsegpt",

@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from search import local_postgres, summaries
 from search.net import free_port
 
+pytestmark = pytest.mark.e2e  # studies, servers and compressions: minutes
+
 PROJECT = Path(__file__).resolve().parents[1]
 SPACE = PROJECT / "tests" / "data" / "workers_space.yaml"
 
