@@ -1,4 +1,4 @@
-"""Structured FFN pruning of Gemma 4 (FLAP) and loading its checkpoints in transformers.
+"""Structured FFN pruning of Gemma 4 (FLAP); search/models/gemma4_pruned.py loads its checkpoints.
 
 A pruned decoder layer keeps some of its FFN channels: the rows of gate_proj and up_proj and the
 columns of down_proj that belong to them. Which ones: FLAP's fluctuation metric, the variance of a
@@ -6,24 +6,25 @@ channel's activation (down_proj's input) over calibration tokens times the squar
 down_proj column it feeds. The removed channels' mean contribution, W_down[:, removed] @
 mean(h[removed]), becomes a down_proj bias, so a channel that barely fluctuates is removed at
 almost no cost. Widths are per layer (``recipe.structured_widths``); the checkpoint's text
-config lists them as ``intermediate_sizes``. Gemma4TextConfig's own ``intermediate_size`` must stay
-an int (its strict dataclass rejects a list), so it keeps the stock width and transformers needs
-``per_layer_ffn_widths`` to build the narrower layers (vLLM needs plugins/gemma4_pruned).
+config lists them as ``intermediate_sizes``; search/models/gemma4_pruned.py loads such a checkpoint
+in transformers (vLLM needs plugins/gemma4_pruned).
 
 Runs in the compression environment (transformers 5.17, torch).
 """
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
-from transformers.models.gemma4 import modeling_gemma4
 
-WIDTHS_FIELD = "intermediate_sizes"
+# Loading a pruned checkpoint is the Gemma 4 family's (search/models/gemma4_pruned.py); re-exported
+# here for the callers that prune and load.
+from search.models.gemma4_pruned import WIDTHS_FIELD, load_pretrained, narrow_linears, per_layer_ffn_widths
+
+__all__ = ["WIDTHS_FIELD", "ChannelMoments", "channels_to_keep", "ffn_moments", "flap_prune", "fluctuation_scores",
+           "load_pretrained", "per_layer_ffn_widths", "shrink_mlp"]
 
 
 class ChannelMoments:
@@ -60,17 +61,6 @@ def channels_to_keep(scores: torch.Tensor, width: int) -> torch.Tensor:
     return torch.topk(scores, width).indices.sort().values
 
 
-def _narrow_linears(mlp: nn.Module, width: int) -> None:
-    """Give ``mlp`` empty gate/up/down Linears ``width`` channels wide, down_proj with a bias."""
-    like = mlp.down_proj.weight
-    hidden = like.shape[0]
-    kwargs = {"dtype": like.dtype, "device": like.device}
-    mlp.gate_proj = nn.Linear(hidden, width, bias=False, **kwargs)
-    mlp.up_proj = nn.Linear(hidden, width, bias=False, **kwargs)
-    mlp.down_proj = nn.Linear(width, hidden, bias=True, **kwargs)
-    mlp.intermediate_size = width
-
-
 @torch.no_grad()
 def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, mean_activation: torch.Tensor) -> None:
     """Keep channels ``keep`` of a Gemma 4 MLP; the others' mean contribution becomes down_proj's bias."""
@@ -78,7 +68,7 @@ def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, mean_activation: torch.Tensor
     removed = torch.ones(down.shape[1], dtype=torch.bool)
     removed[keep] = False
     compensation = down.to(torch.float64)[:, removed.to(down.device)] @ mean_activation[removed].to(down.device)
-    _narrow_linears(mlp, len(keep))
+    narrow_linears(mlp, len(keep))
     keep = keep.to(down.device)
     mlp.gate_proj.weight.copy_(gate[keep])
     mlp.up_proj.weight.copy_(up[keep])
@@ -115,34 +105,3 @@ def flap_prune(model: nn.Module, batches: Iterable[torch.Tensor], widths: list[i
             shrink_mlp(layer.mlp, channels_to_keep(scores, width), layer_moments.mean)
     setattr(model.config.get_text_config(), WIDTHS_FIELD, list(widths))
     return {"ffn_channels_before": before, "ffn_channels_after": sum(widths)}
-
-
-class PerLayerWidthMLP(modeling_gemma4.Gemma4TextMLP):
-    """Gemma4TextMLP built at the width its config's ``intermediate_sizes`` gives this layer."""
-
-    def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx)
-        widths = getattr(config, WIDTHS_FIELD, None)
-        if widths and widths[layer_idx] < self.intermediate_size:
-            _narrow_linears(self, widths[layer_idx])
-
-
-@contextlib.contextmanager
-def per_layer_ffn_widths() -> Iterator[None]:
-    """While open, transformers builds Gemma 4 decoder MLPs at the widths of a pruned checkpoint's
-    config; a config without ``intermediate_sizes`` builds exactly as before."""
-    stock = modeling_gemma4.Gemma4TextMLP
-    modeling_gemma4.Gemma4TextMLP = PerLayerWidthMLP  # the decoder layer looks the class up here
-    try:
-        yield
-    finally:
-        modeling_gemma4.Gemma4TextMLP = stock
-
-
-def load_pretrained(path: str | Path, model_class=None, **kwargs) -> nn.Module:
-    """``from_pretrained`` for pruned and stock Gemma 4 checkpoints alike (image-text-to-text class
-    unless ``model_class`` says otherwise)."""
-    from transformers import AutoModelForImageTextToText
-
-    with per_layer_ffn_widths():
-        return (model_class or AutoModelForImageTextToText).from_pretrained(path, **kwargs)

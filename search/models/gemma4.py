@@ -11,7 +11,8 @@ Mirrors transformers' Gemma 4 modelling code (models/gemma4):
   ``per_layer_model_projection`` and the packed ``embed_tokens_per_layer`` table;
 - ``intermediate_size`` may be a per-layer list; ``use_double_wide_mlp`` doubles KV-shared layers' MLP;
   a structurally pruned checkpoint's ``intermediate_sizes`` gives every layer's FFN width, and a
-  layer narrower than stock has a down_proj bias (search/compress/structured.py).
+  layer narrower than stock has a down_proj bias (search/compress/structured.py prunes,
+  search/models/gemma4_pruned.py loads).
 
 MoE blocks are not modelled. The toy builder is ``search.toy_model``.
 """
@@ -154,7 +155,7 @@ class Gemma4(ModelFamily):
         return "basic" if text_config(config).get("num_kv_shared_layers", 0) > 0 else None
 
     def load_for_compression(self, path: Path, **kwargs: Any):
-        from search.compress.structured import load_pretrained
+        from search.models.gemma4_pruned import load_pretrained
         return load_pretrained(path, **kwargs)
 
     def complete_checkpoint(self, ckpt: Path) -> list[str]:
