@@ -41,6 +41,7 @@ pip_dl "$DL/vllm" -r bench/gpu/wheels-vllm.txt
 for name in pydantic pydantic_core annotated_types typing_inspection loguru dill; do
   for f in "$DL"/vllm/"$name"-[0-9]*.whl; do [ -e "$f" ] && mv "$f" "$DL/common/"; done
 done
+pip_dl "$DL/common" tenacity==9.2.1  # search/: retries and waits (pure Python; pyproject.toml)
 # The compression stack (llmcompressor pins compressed-tensors 0.19.0, vLLM 0.17.0: separate targets).
 pip_dl "$DL/llmc" llmcompressor==0.14.0.1 compressed-tensors==0.19.0 datasets==5.2.0 auto-round==0.15.1 \
   multiprocess==0.70.19
