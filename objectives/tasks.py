@@ -22,13 +22,16 @@ import json
 import os
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import yaml
 from PIL import Image
+from pydantic import ConfigDict, Field, StrictInt, StrictStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from objectives import builtin_suite, text_suite
 from objectives.scorers import get_scorer
@@ -52,31 +55,23 @@ BUILTIN_IMAGE_SIZE = (448, 448)
 BUILTIN_DEFAULT_N = 32
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
 class Task:
-    name: str
-    source: str
-    scorer: str
-    prompt_template: str = "{question}"
-    split: str | None = None
-    config: str | None = None
-    columns: dict[str, str | None] = field(default_factory=dict)
-    n_samples: int | None = None
-    seed: int = 0
+    """A task file's fields, typed and validated when a Task is made (a key the file should not
+    have, a value of the wrong type, a source or scorer that does not exist): `load_task_file`
+    reports any of them as one line naming the file."""
+
+    name: StrictStr
+    source: StrictStr  # <scheme>:<target>, scheme in SCHEMES
+    scorer: StrictStr  # a name objectives/scorers.py knows
+    prompt_template: StrictStr = "{question}"  # may use {question} and {choices}
+    split: StrictStr | None = None
+    config: StrictStr | None = None  # a hub dataset's configuration
+    columns: dict[StrictStr, StrictStr | None] = Field(default_factory=dict)  # role (COLUMN_ROLES) -> column
+    n_samples: StrictInt | None = Field(None, ge=1)  # a deterministic subsample of this many rows; None: all
+    seed: StrictInt = 0
 
     def __post_init__(self) -> None:
-        # The types first: a task file is a user's, and a wrong type must be a sentence, not a traceback.
-        for name in ("name", "source", "scorer", "prompt_template"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"task {self.name!r}: {name} must be a string, got {getattr(self, name)!r}")
-        for name in ("split", "config"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"task {self.name!r}: {name} must be a string or null, got {getattr(self, name)!r}")
-        if self.n_samples is not None and (not isinstance(self.n_samples, int) or isinstance(self.n_samples, bool)
-                                           or self.n_samples < 1):
-            raise ValueError(f"task {self.name!r}: n_samples must be an integer >= 1 or null, got {self.n_samples!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"task {self.name!r}: seed must be an integer, got {self.seed!r}")
         scheme, _, target = self.source.partition(":")
         if scheme not in SCHEMES or not target:
             raise ValueError(
@@ -95,8 +90,6 @@ class Task:
             get_scorer(self.scorer)
         except ValueError as e:
             raise ValueError(f"task {self.name!r}: {e}") from None
-        if not isinstance(self.columns, dict):
-            raise ValueError(f"task {self.name!r}: columns must be a mapping of role -> column name")
         unknown = sorted(set(self.columns) - set(COLUMN_ROLES))
         if unknown:
             raise ValueError(
@@ -147,22 +140,47 @@ def load_task_file(path: str | os.PathLike) -> Task:
         raise ValueError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a task file must be a YAML mapping")
-    for key in data:
-        if key not in _TASK_KEYS:
-            raise ValueError(f"{path}: unknown key {key!r}; allowed: {list(_TASK_KEYS)}")
-    missing = sorted(key for key in ("source", "scorer") if key not in data)
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}")
     data.setdefault("name", path.stem)
     scheme, _, target = str(data.get("source", "")).partition(":")
     if scheme in _LOCAL_SCHEMES and target and not Path(target).is_absolute():
         data["source"] = f"{scheme}:{(path.parent / target).resolve()}"
     try:
-        task = Task(**data)
+        task = _TASK.validate_python(data)
+    except pydantic.ValidationError as e:
+        raise ValueError(f"{path}: {_one_line(e, data)}") from None
+    try:
         _check_local_source(task)
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return task
+
+
+_TASK = pydantic.TypeAdapter(Task)
+# What a field takes, for a value of the wrong type.
+_TAKES = {"split": "a string or null", "config": "a string or null", "n_samples": "an integer >= 1 or null",
+          "seed": "an integer", "columns": "a mapping of role -> column name"}
+
+
+def _one_line(exc: pydantic.ValidationError, data: dict) -> str:
+    """pydantic's report on a task file -> one line: a key the file should not have, then the keys
+    it lacks, then the first value that is wrong (a rule of Task's own, in its own words)."""
+    errors = exc.errors()
+    extra = [e["loc"][0] for e in errors if e["type"] in ("unexpected_keyword_argument", "extra_forbidden",
+                                                           "invalid_key")]
+    if extra:
+        return f"unknown key {extra[0]!r}; allowed: {list(_TASK_KEYS)}"
+    missing = sorted(str(e["loc"][0]) for e in errors if e["type"] in ("missing", "missing_argument"))
+    if missing:
+        return f"missing key(s) {missing}"
+    error = errors[0]
+    raised = error.get("ctx", {}).get("error")
+    if isinstance(raised, ValueError):
+        return str(raised)
+    key = str(error["loc"][0]) if error["loc"] else "?"
+    value = data.get(key)
+    if key == "columns" and isinstance(value, dict) and len(error["loc"]) > 1:
+        return f"task {data.get('name')!r}: columns.{error['loc'][1]} must be a column name or null, got {error['input']!r}"
+    return f"task {data.get('name')!r}: {key} must be {_TAKES.get(key, 'a string')}, got {value!r}"
 
 
 def _check_local_source(task: Task) -> None:
