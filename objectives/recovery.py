@@ -12,8 +12,10 @@ from typing import Literal
 
 import numpy as np
 
+from search.errors import SearchError
 
-class BaselineZeroError(ValueError):
+
+class BaselineZeroError(SearchError, ValueError):
     """The baseline scored 0 on a task, so recovery relative to it is undefined."""
 
     def __init__(self, task: str):

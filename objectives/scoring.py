@@ -19,13 +19,14 @@ from typing import Protocol
 
 from objectives.recovery import Gate, RecoveryEstimate, estimate_recovery
 from objectives.scorers import get_scorer
+from search.errors import SearchError
 
 # (task, top-1 agreement, top-k KL) of one teacher-forced baseline item.
 FidelityRow = tuple[str, float, float]
 PairedScores = dict[str, tuple[list[float], list[float]]]  # task -> (trial scores, baseline scores)
 
 
-class TrialPruned(Exception):
+class TrialPruned(SearchError):
     """Recovery after the first part of the workload shows the gate cannot be reached any more."""
 
 

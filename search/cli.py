@@ -15,6 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
+from search.errors import SearchError
+
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = Path(os.environ.get("SEARCH_HOME") or ".search")  # set but empty: unset, as POSIX tools take it
 DEFAULT_STUDY = "gemma4-energy"
@@ -452,7 +454,7 @@ def available_here(space, platform):
     return space.without(unavailable), lines
 
 
-class ReferenceFailed(RuntimeError):
+class ReferenceFailed(SearchError, RuntimeError):
     """The uncompressed reference run failed: no trial can be scored, so the run stops."""
 
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from search.errors import SearchError
+
 Scheme = Literal["none", "fp8", "fp8_dynamic", "w8a8", "w4a16", "w8a16", "nvfp4a16", "bnb_nf4"]
 QuantMethod = Literal["rtn", "gptq", "awq"]
 # sparsegpt/wanda zero weights (unstructured or 2:4); flap removes whole FFN channels per layer.
@@ -38,7 +40,7 @@ Integer = Annotated[int, BeforeValidator(_whole_float_to_int)]
 Share = Annotated[float, Field(ge=0, lt=1)]
 
 
-class ConfigError(ValueError):
+class ConfigError(SearchError, ValueError):
     """A configuration that cannot be run as written: reported before any heavy work starts."""
 
 
@@ -47,7 +49,7 @@ class CombinationError(ConfigError):
     both, and a trial that samples them is infeasible."""
 
 
-class Infeasible(Exception):
+class Infeasible(SearchError):
     """A configuration that cannot run here; recorded with its reason, never compressed or served."""
 
 

@@ -23,12 +23,13 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from search.summaries import DUPLICATE_OF, measured
+from search.errors import SearchError
 
 # The preset name of the reference configuration's trial, every study's first (search/study.py enqueues it).
 REFERENCE_PRESET = "reference"
 
 
-class AlreadyMeasured(Exception):
+class AlreadyMeasured(SearchError):
     """Raised inside a trial whose configuration an earlier complete trial measured."""
 
     def __init__(self, earlier: FrozenTrial):

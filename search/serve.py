@@ -30,9 +30,10 @@ import yaml
 from search import lifeline
 from search.config import CompressionConfig, ConfigError, ServeConfig
 from search.net import free_port, port_in_use
+from search.errors import SearchError
 
 
-class ServerFailed(RuntimeError):
+class ServerFailed(SearchError, RuntimeError):
     """The server did not start or died; the message is the reason recorded on the trial."""
 
 

@@ -41,6 +41,7 @@ from search.redaction import redact
 from search.summaries import (RECOVERY_GATE, RUNS_HERE, best_feasible, constraints_of, counts, finished,
                               set_constraints, study_bill)
 from search.track import Tracker, TrackingFailed
+from search.errors import SearchError
 
 OBJECTIVE = "energy_j_per_request"
 # The objectives as Optuna (and optuna-dashboard) names them, with their units.
@@ -374,7 +375,7 @@ class Objective:
         raise TrialFailed(reason)
 
 
-class TrialFailed(Exception):
+class TrialFailed(SearchError):
     """Raised inside the objective so Optuna records the trial as failed (caught by optimize)."""
 
 

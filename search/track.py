@@ -21,6 +21,7 @@ from typing import Any
 
 from search.redaction import redact
 from search.review import KEY_METRICS
+from search.errors import SearchError
 
 _PARENT_TAG = "search.study_parent"
 # A tracking server that is away must cost a trial seconds, not MLflow's default minutes of retries.
@@ -31,7 +32,7 @@ SEND_BACKOFF_S = (5.0, 300.0)  # first and longest pause after a failed send
 _TEXT_ARTIFACTS = {".log", ".txt", ".yaml", ".yml", ".json", ".jsonl", ".csv"}
 
 
-class TrackingFailed(RuntimeError):
+class TrackingFailed(SearchError, RuntimeError):
     """A record could not even be written to the local spool; the trial it belongs to fails."""
 
 

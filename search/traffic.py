@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.errors import SearchError
 
-class TrafficError(ValueError):
+
+class TrafficError(SearchError, ValueError):
     """A traffic file that cannot be replayed: the message names the file and the line."""
 
 

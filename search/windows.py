@@ -15,11 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from search.errors import SearchError
+
 if TYPE_CHECKING:  # an annotation only: this module stays a leaf
     from search.config import WorkloadConfig
 
 
-class WindowUnreadable(RuntimeError):
+class WindowUnreadable(SearchError, RuntimeError):
     """The objective's window is missing or too short to read: the trial fails, saying which."""
 
 

@@ -23,9 +23,10 @@ from search.compress.screen import PrunedBeforeServing
 from search.compress.recipe import build_recipe, needs_calibration, pipeline_for, structured_widths
 from search.config import CompressionConfig, flatten
 from search.models import family_for
+from search.errors import SearchError
 
 
-class CompressionFailed(RuntimeError):
+class CompressionFailed(SearchError, RuntimeError):
     """The child process failed; the message is the reason recorded on the trial."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from search.errors import SearchError
+
 if TYPE_CHECKING:
     from search.config import TrialConfig
     from search.platform import Platform
@@ -119,7 +121,7 @@ class ModelFamily(ABC):
         """Raise Infeasible when this family cannot serve ``config`` on ``platform``."""
 
 
-class UnknownModelFamily(ValueError):
+class UnknownModelFamily(SearchError, ValueError):
     """A checkpoint whose architecture no module of search/models describes."""
 
     def __init__(self, name: str, known: list[str]):
