@@ -1,7 +1,8 @@
-"""Per-trial energy table of a product study (issue 18's GPU evidence): both windows, J/output
-token, the repeat spread, latency percentiles and where each trial's time went.
+"""Per-trial energy table of a product study (the seed benchmark's table, issue 18's GPU evidence):
+J/output token gross, net of idle and against the reference's, both windows, tokens/Wh, the repeat
+spread, the roofline ratio, latency percentiles and where each trial's time went.
 
-Usage: python bench/gpu/energy_table.py --home HOME --out results.json [--md results.md] [--note TEXT]
+Usage: python bench/gpu/energy_table.py --home HOME [--study NAME] --out results.json [--md results.md] [--note TEXT]
 Reads the study through Optuna alone (no GPU, no vLLM); every number comes from the trials' metrics.
 """
 
@@ -16,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from search import study as study_mod  # noqa: E402
 
-COLUMNS = [  # (metric, header, digits)
+COLUMNS = [  # (metric, header, digits); net_j_per_output_token and vs_reference are derived here
+    ("net_j_per_output_token", "net J/out tok", 4), ("vs_reference", "whole J/out tok vs reference", 2),
+    ("tokens_per_wh", "tokens/Wh", 0), ("floor_ratio", "measured / floor", 1),
     ("steady_energy_j_per_request", "steady J/request", 3), ("whole_energy_j_per_request", "whole J/request", 3),
     ("steady_energy_j_per_output_token", "steady J/out tok", 4), ("energy_j_per_output_token", "whole J/out tok", 4),
     ("energy_j_per_request_rel_std", "repeat rel. std", 4), ("steady_window_s", "steady s", 1),
@@ -39,7 +42,14 @@ def rows(study) -> list[dict]:
         row.update({key: metrics.get(key) for key, _, _ in COLUMNS})
         if row["whole_energy_j_per_request"] is None:  # a fixed job's objective is the whole run itself
             row["whole_energy_j_per_request"] = metrics.get("energy_j_per_request")
+        gross, net = metrics.get("energy_j"), metrics.get("energy_net_j")
+        if gross and net is not None and row["energy_j_per_output_token"] is not None:
+            row["net_j_per_output_token"] = row["energy_j_per_output_token"] * net / gross
         out.append(row)
+    reference = next((r["energy_j_per_output_token"] for r in out if r["preset"] == "reference"), None)
+    for row in out:
+        if reference and row["energy_j_per_output_token"] is not None:
+            row["vs_reference"] = row["energy_j_per_output_token"] / reference
     return out
 
 
