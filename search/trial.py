@@ -1,7 +1,7 @@
 """One trial, top to bottom: check, compress, serve, warm-up, quality screen, measured window,
 quality, score. `run` is that list; the functions under it are its parts, in the same order. The
 maths is elsewhere: item scores and the early-stop rule in objectives/scoring.py, a window's
-metrics in search/energy.py and search/windows.py, the roofline in search/floor.py.
+steady state in search/windows.py and its energy in search/energy/, the roofline in search/floor.py.
 
 Every stage is named on the progress display, and its seconds and joules go into the trial's
 record as it ends, failed or not: the search paid for it (its bill, search/bill.py). Every
@@ -34,7 +34,6 @@ from search import energy, feasibility, windows, workload
 from search.compress import CheckpointCache, CompressResult, Compressor, compress
 from search.compress import screen as pre_serve
 from search.config import ConfigError, Infeasible, TrialConfig, WorkloadConfig, flatten
-from search.energy import window_metrics
 from search.platform import Platform
 from search.floor import floor_metrics
 from search.models import ModelFamily, family_of
@@ -334,6 +333,22 @@ def measure_window(runtime: Runtime, server: Server, meter: energy.Meter, prompt
     reading = meter.stop()
     energy.check_energy_source(runtime.energy_source, reading)
     return results, reading, windows.prefix_cache_counts(counters_before, server.metrics())
+
+
+def window_metrics(results: list[RequestResult], reading: energy.EnergyReading, config: TrialConfig,
+                   served: int) -> dict[str, float]:
+    """One measured run: counts, latencies, the whole run's energy and its steady state's, with the
+    objective window's J/request as `energy_j_per_request`. Energy is per request served: a
+    configuration whose requests fail is not made cheaper by them."""
+    stats = workload.summarize(results, reading.duration_s)
+    metrics = {**stats, **reading.as_metrics(served, int(stats["completion_tokens"]))}
+    ok = [r for r in results if not r.error]
+    metrics.update(windows.steady_metrics(
+        [(r.token_times[0], r.ended_at) for r in ok if r.token_times], [r.token_times for r in ok],
+        reading.trace, reading.started_at, reading.joules_gross, reading.idle_w, config.serve.max_num_seqs,
+        stats["tokens_per_answer"]))
+    windows.read_objective_window(metrics, config.workload)
+    return metrics
 
 
 def measure_repeat(runtime: Runtime, server: Server, meter: energy.Meter, prompts: list[Prompt],

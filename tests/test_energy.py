@@ -163,11 +163,48 @@ def test_nvml_meter_falls_back_to_power_when_counter_unsupported(monkeypatch):
     assert "GPU 1 (Fake GPU 1)" in r.method and "trapezoid" in r.method
 
 
+class _FakeNvml:
+    """An NVML adapter (search.energy.nvml.Nvml's methods): one GPU of constant power with a counter."""
+
+    def __init__(self, watts: float):
+        self.watts, self.t0, self.closed = watts, time.monotonic(), False
+
+    def count(self) -> int:
+        return 1
+
+    def handle(self, gpu_id):
+        return gpu_id
+
+    def name(self, handle) -> str:
+        return "Adapter GPU"
+
+    def power_w(self, handle) -> float:
+        return self.watts
+
+    def energy_mj(self, handle) -> float:
+        return 5_000.0 + self.watts * (time.monotonic() - self.t0) * 1000
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_nvml_meter_through_a_fake_adapter(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = _FakeNvml(200.0)
+    meter = NvmlMeter(nvml=fake)
+    meter.start()
+    time.sleep(0.3)
+    r = meter.stop()
+    meter.close()
+    assert r.source == "nvml" and r.gpus == ["Adapter GPU"] and fake.closed
+    assert r.joules_gross == pytest.approx(200.0 * r.duration_s, rel=0.02)
+
+
 def test_make_meter_without_nvml_or_rapl_estimates(monkeypatch):
     fake = _fake_pynvml([], [])
     fake.nvmlInit = lambda: (_ for _ in ()).throw(_NVMLError("Driver Not Loaded"))
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(energy, "rapl_zones", lambda root=energy.RAPL_ROOT: [])
+    monkeypatch.setattr(energy.rapl, "rapl_zones", lambda root=energy.RAPL_ROOT: [])
     assert isinstance(make_meter(None, lambda: [os.getpid()]), EstimateMeter)
     # A GPU that is reachable wins; an empty CUDA_VISIBLE_DEVICES hides it.
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([70.0], [True]))

@@ -137,7 +137,7 @@ def test_a_replayed_file_drives_the_measured_window_with_the_counts_it_implies(t
     # One request a line, each capped by its line (the workload's max_tokens where the line gives none).
     assert len(_Stub.bodies) == len(results) == 4
     assert sorted(b["max_tokens"] for b in _Stub.bodies) == [2, 3, 4, 5]
-    metrics = energy.window_metrics(results, reading, config, served=len(results))
+    metrics = trial.window_metrics(results, reading, config, served=len(results))
     assert metrics["requests"] == 4 and metrics["completion_tokens"] == 3 + 4 + 5 + 2
     assert config.workload.measured_requests == 4 and "the 4 requests of" in config.workload.describe_job()
     # The user's own text is sent, behind the study's system turn; the task prompt is not measured.

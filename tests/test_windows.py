@@ -114,7 +114,7 @@ def test_a_fixed_job_pays_its_ramp_and_drain_and_sustained_service_is_priced_at_
     """One run priced as the two jobs: the fixed job pays every joule of the run, ramp-up and drain
     included; sustained service pays its steady state, where the named load of 4 requests runs."""
     from search.config import build
-    from search.energy import window_metrics
+    from search.trial import window_metrics
 
     results = _closed_loop(n_requests=24, concurrency=4, ramp_s=2.0, answer_s=1.0)
     reading = _reading_following(results)
