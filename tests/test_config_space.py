@@ -219,7 +219,7 @@ def test_a_presets_file_is_enqueued_in_its_order_with_values_outside_the_space_k
     presets_file.write_text("small: {config: {serve.max_num_seqs: 64}}\n"
                             "small_budget: {config: {serve.max_num_seqs: 64, serve.memory_budget_gib: 22}}\n")
     presets = space_mod.load_presets(presets_file)
-    space = space_mod.load(PROJECT / "bench" / "gpu" / "space-steady.yaml")
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml")
     study = optuna.create_study()
     assert study_mod.warm_start(study, space, presets) == 2
     names = [trial.user_attrs["preset"] for trial in study.get_trials()]
@@ -325,7 +325,7 @@ def test_a_pinned_value_holds_for_the_reference_too():
 
 def test_workers_starting_together_enqueue_the_presets_once(tmp_path):
     presets = {"a": {"serve.max_num_seqs": 64}, "b": {"serve.max_num_seqs": 512}}
-    space = space_mod.load(PROJECT / "bench" / "gpu" / "space-steady.yaml")
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-gpu.yaml")
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(storage=url, study_name="s")
     options = study_mod.RunOptions(4, None, "presets.yaml", presets, None, storage_url=url)

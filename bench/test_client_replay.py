@@ -1,5 +1,6 @@
-"""bench/client_replay.py's arithmetic: the client's arguments for a trial's job, its timed span on
-the meter's clock, the span's joules, and the client-over-product ratios."""
+"""client_replay.py's arithmetic: the client's arguments for a trial's job, its timed span on the
+meter's clock, the span's joules, and the client-over-product ratios. It sits beside the script (the
+product's suite reads nothing of bench/): .venvs/main/bin/python -m pytest -q bench/test_client_replay.py"""
 
 import math
 import sys
