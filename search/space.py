@@ -18,9 +18,10 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from search import config as cfg
 from search.config import ConfigError, Infeasible  # noqa: F401  (Infeasible: re-exported)
@@ -28,8 +29,172 @@ from search.config import ConfigError, Infeasible  # noqa: F401  (Infeasible: re
 if TYPE_CHECKING:  # Optuna is imported where a distribution is made: a space file is checked without it
     import optuna
 
-_TOP_KEYS = {"model", "fixed", "params", "constraints", "reference", "description"}
-_PARAM_KEYS = {"choices", "low", "high", "step", "log", "when"}
+
+
+# --- The files as typed models, validated when a file is read (their rules, one line each) -----------
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+def _empty_if_none(empty: Any) -> Callable[[Any], Any]:
+    """A section written with nothing under it (`fixed:`) is an empty one."""
+    return lambda value: empty if value is None else value
+
+
+# An integer stays one (an integer range is an IntDistribution); true is not a number.
+Number = Annotated[int | float, BeforeValidator(_number)]
+Options = Annotated[dict[str, Any], BeforeValidator(_empty_if_none({}))]
+
+
+class _FileModel(BaseModel):
+    """A part of a file the user writes: unknown keys refused, frozen once read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamSpec(_FileModel):
+    """One searched option: {choices: [...]} or a range {low, high[, step][, log]}; a bare list is
+    its choices."""
+
+    choices: list[Any] | None = Field(None, description="the values the sampler picks from")
+    low: Number | None = Field(None, description="a range's lowest value")
+    high: Number | None = Field(None, description="a range's highest value")
+    step: Number | None = Field(None, description="a range's step (none: continuous, or 1 for integers)")
+    log: bool = Field(False, description="sample the range on a log scale")
+    when: Annotated[dict[str, Any], BeforeValidator(_empty_if_none({}))] = Field(
+        default_factory=dict, description="{other.option: [values]}: searched only while those hold "
+                                          "(options fixed, or params listed before this one)")
+
+    @model_validator(mode="after")
+    def _choices_or_a_range(self) -> ParamSpec:
+        if "choices" in self.model_fields_set:
+            if not self.choices:
+                raise ValueError("choices must be a non-empty list")
+            if {"low", "high", "step", "log"} & self.model_fields_set:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if self.low >= self.high:
+            raise ValueError(f"inverted range, low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class ConstraintSpec(_FileModel):
+    """A rule every trial's configuration must meet; a bare string is its expr."""
+
+    expr: str = Field(description="an expression over dotted options, e.g. serve.max_num_seqs * 2 <= 64")
+    why: str = Field("", description="the reason, told with a trial the rule refuses")
+
+
+def _shorthand(key: str) -> Callable[[Any], Any]:
+    """A param given as a bare list (its choices), a constraint as a bare string (its expr)."""
+    kind = list if key == "choices" else str
+    return lambda value: {key: value} if isinstance(value, kind) else value
+
+
+class SpaceFile(_FileModel):
+    """A space file (spaces/*.yaml) as written, before its options are checked against the trial
+    configuration's (`load`)."""
+
+    description: str | None = Field(None, description="what the space is for, in words")
+    model: Annotated[str, BeforeValidator(str)] = Field(
+        "toy", description="the model a study of this space runs by default (--model overrides it)")
+    fixed: Options = Field(default_factory=dict, description="dotted option -> value, pinned for every trial")
+    params: Annotated[dict[str, Annotated[ParamSpec, BeforeValidator(_shorthand("choices"))]],
+                      BeforeValidator(_empty_if_none({}))] = Field(
+        default_factory=dict, description="dotted option -> its choices or range, searched in file order")
+    constraints: Annotated[list[Annotated[ConstraintSpec, BeforeValidator(_shorthand("expr"))]],
+                           BeforeValidator(_empty_if_none([]))] = Field(
+        default_factory=list, description="rules a trial must meet, else it is infeasible")
+    reference: Options = Field(default_factory=dict,
+                               description="the uncompressed baseline's settings, over the fixed ones")
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> SpaceFile:
+        if not self.params:
+            raise ValueError("no params to search; give at least one under `params:`")
+        return self
+
+
+class PresetEntry(_FileModel):
+    """One named configuration of a presets file (spaces/presets/seeds.yaml)."""
+
+    source: str | None = Field(None, description="where the configuration comes from (a card, a paper)")
+    config: dict[str, Any] | None = Field(None, description="dotted option -> value")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _config_is_a_mapping(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("config") is not None and not isinstance(data["config"], dict):
+            raise ValueError(f"config must be a mapping of dotted options to values, "
+                             f"got a {type(data['config']).__name__}")
+        return data
+
+    @model_validator(mode="after")
+    def _has_a_config(self) -> PresetEntry:
+        if self.config is None:
+            raise ValueError("no config; give its options under `config:`")
+        return self
+
+
+# What a part of a file holds, for a message on a key it should not have: by the section it sits in.
+_PARTS = {(): SpaceFile, ("params",): ParamSpec, ("constraints",): ConstraintSpec}
+# What a value that is not a part's mapping should have been.
+_SHAPES = {ParamSpec: "{choices: [...]} or {low: .., high: ..}", ConstraintSpec: "{expr: '...', why: '...'}",
+           PresetEntry: "{source: ..., config: {...}}"}
+_EXPECTED = {"dict_type": "a mapping", "list_type": "a list", "string_type": "a string",
+             "bool_type": "true or false", "bool_parsing": "true or false", "invalid_key": "a string key"}
+
+
+def _located(loc: tuple) -> str:
+    """('params', 'serve.max_num_seqs', 'low') -> 'params.serve.max_num_seqs.low'; ints as [i]."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _validated(model: type[_FileModel], data: Any, where: str, parts: dict | None = None) -> Any:
+    """`data` as `model`, or one ConfigError starting with `where`: keys the part does not have
+    (all of them, with what it takes), else the first value that breaks a rule."""
+    parts = parts if parts is not None else {(): model}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        parent = extra[0]["loc"][:-1]
+        keys = sorted(str(e["loc"][-1]) for e in extra if e["loc"][:-1] == parent)
+        part = parts.get(parent[:1] if parent else ())
+        fields = sorted(part.model_fields) if part else []
+        if not parent and model is SpaceFile:
+            raise _error(f"{where}: unknown section(s) {keys}; expected {fields}")
+        raise _error(f"{where}: " + (f"{_located(parent)}: " if parent else "") +
+                     f"unknown key(s) {keys}; expected {fields}")
+    error = errors[0]
+    loc, kind, value = tuple(part for part in error["loc"] if part != "[key]"), error["type"], error["input"]
+    if kind == "invalid_key" or "[key]" in error["loc"]:  # a name that is not a string (YAML reads `5:` as one)
+        raise _error(f"{where}: " + (f"{_located(loc[:-1])}: " if loc[:-1] else "") +
+                     f"the key {value!r} is not a name; write names as strings")
+    prefix = f"{where}: " + (f"{_located(loc)}: " if loc else "")
+    raised = error.get("ctx", {}).get("error")
+    if isinstance(raised, ValueError):
+        raise _error(prefix + str(raised))
+    if kind == "model_type":
+        part = parts.get(loc[:1]) if loc else model
+        raise _error((prefix + f"expected {_SHAPES.get(part, 'a mapping')}, got {value!r}")[:300])
+    if kind == "missing":
+        raise _error(f"{where}: " + (f"{_located(loc[:-1])}: " if loc[:-1] else "") + f"missing key {loc[-1]!r}")
+    raise _error(prefix + f"expected {_EXPECTED.get(kind, error['msg'])}, got {value!r}"[:300])
+
+
+def _error(message: str) -> ConfigError:
+    return ConfigError(message)
+
 
 
 @dataclass(frozen=True)
@@ -209,23 +374,19 @@ def load(path: str | Path) -> Space:
         raise ConfigError(f"{path}: the file is empty; a space needs params to search")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected {sorted(_TOP_KEYS)}")
-    if not raw.get("params"):
-        raise ConfigError(f"{path}: no params to search; give at least one under `params:`")
+    written = _validated(SpaceFile, raw, str(path), _PARTS)
     keys = cfg.known_keys()
-    fixed = dict(raw.get("fixed") or {})
-    params = tuple(_param(path, name, spec, keys) for name, spec in raw["params"].items())
+    fixed = dict(written.fixed)
+    params = tuple(_param(path, name, spec, keys) for name, spec in written.params.items())
     names = {p.name for p in params}
     both = names & set(fixed)
     if both:
         raise ConfigError(f"{path}: {sorted(both)} are both fixed and searched")
     for index, param in enumerate(params):
         _check_when(path, param, params[:index], names, fixed)
-    constraints = tuple(_constraint(path, c, keys) for c in raw.get("constraints") or [])
-    reference = dict(raw.get("reference") or {})
-    space = Space(path, str(raw.get("model", "toy")), fixed, params, constraints, reference)
+    constraints = tuple(_constraint(path, c, keys) for c in written.constraints)
+    reference = dict(written.reference)
+    space = Space(path, written.model, fixed, params, constraints, reference)
     # Every fixed value builds a valid config, and so does every choice and range end, each with
     # its `when:` parents at a value that activates it. Values that are only wrong together are
     # left to sampling, which records such a trial as infeasible.
@@ -331,50 +492,24 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _param(path: Path, name: str, spec: Any, keys: dict[str, Any]) -> Param:
-    where = f"{path}: params.{name}"
+def _param(path: Path, name: str, spec: ParamSpec, keys: dict[str, Any]) -> Param:
     if name not in keys:
-        raise ConfigError(f"{where}: unknown option; known options: {', '.join(sorted(keys))}")
-    if not isinstance(spec, dict):
-        spec = {"choices": spec} if isinstance(spec, list) else None
-        if spec is None:
-            raise ConfigError(f"{where}: expected {{choices: [...]}} or {{low: .., high: ..}}")
-    unknown = set(spec) - _PARAM_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(_PARAM_KEYS)}")
-    when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in (spec.get("when") or {}).items()}
-    if "choices" in spec:
-        choices = spec["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: choices must be a non-empty list")
-        if {"low", "high", "step", "log"} & set(spec):
-            raise ConfigError(f"{where}: give either choices or low/high, not both")
-        return Param(name, choices=tuple(tuple(c) if isinstance(c, list) else c for c in choices), when=when)
-    if "low" not in spec or "high" not in spec:
-        raise ConfigError(f"{where}: a range needs both low and high")
-    low, high = spec["low"], spec["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-        raise ConfigError(f"{where}: low and high must be numbers")
-    if low >= high:
-        raise ConfigError(f"{where}: inverted range, low ({low}) must be below high ({high})")
-    if spec.get("log") and low <= 0:
-        raise ConfigError(f"{where}: a log range needs low > 0")
-    return Param(name, low=low, high=high, step=spec.get("step"), log=bool(spec.get("log")), when=when)
+        raise ConfigError(f"{path}: params.{name}: unknown option; known options: {', '.join(sorted(keys))}")
+    when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in spec.when.items()}
+    if spec.choices is not None:
+        return Param(name, choices=tuple(tuple(c) if isinstance(c, list) else c for c in spec.choices), when=when)
+    return Param(name, low=spec.low, high=spec.high, step=spec.step, log=spec.log, when=when)
 
 
-def _constraint(path: Path, spec: Any, keys: dict[str, Any]) -> Constraint:
-    if isinstance(spec, str):
-        spec = {"expr": spec}
-    if not isinstance(spec, dict) or "expr" not in spec or set(spec) - {"expr", "why"}:
-        raise ConfigError(f"{path}: a constraint is {{expr: '...', why: '...'}}, got {spec!r}")
+def _constraint(path: Path, spec: ConstraintSpec, keys: dict[str, Any]) -> Constraint:
     try:
-        tree = ast.parse(spec["expr"], mode="eval").body
+        tree = ast.parse(spec.expr, mode="eval").body
     except SyntaxError:
-        raise ConfigError(f"{path}: constraint {spec['expr']!r} is not a valid expression") from None
+        raise ConfigError(f"{path}: constraint {spec.expr!r} is not a valid expression") from None
     for name in _names(tree):
         if name not in keys:
-            raise ConfigError(f"{path}: constraint {spec['expr']!r} uses unknown option {name!r}")
-    return Constraint(spec["expr"], spec.get("why", ""))
+            raise ConfigError(f"{path}: constraint {spec.expr!r} uses unknown option {name!r}")
+    return Constraint(spec.expr, spec.why)
 
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -427,9 +562,6 @@ def _evaluate(node: ast.AST, values: dict[str, Any]) -> Any:
     raise ConfigError(f"unsupported expression element: {ast.dump(node)[:60]}")
 
 
-_PRESET_KEYS = {"source", "config"}
-
-
 def load_presets(path: str | Path) -> dict[str, dict[str, Any]]:
     """Named configurations (the seeds, a user's presets), dotted keys: the file's shape and every
     value are checked here, each value on its own (check_presets checks them against a space)."""
@@ -448,17 +580,7 @@ def load_presets(path: str | Path) -> dict[str, dict[str, Any]]:
         if str(name) == REFERENCE_PRESET:
             raise ConfigError(f"{where}: the name is the reference configuration's (every study's first "
                               "trial); give the preset another name")
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected {{source: ..., config: {{...}}}}, got {entry!r}"[:300])
-        unknown = set(entry) - _PRESET_KEYS
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(_PRESET_KEYS)}")
-        if entry.get("config") is None:
-            raise ConfigError(f"{where}: no config; give its options under `config:`")
-        values = entry["config"]
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: config must be a mapping of dotted options to values, "
-                              f"got a {type(values).__name__}")
+        values = _validated(PresetEntry, entry, where, {(): PresetEntry}).config
         unknown = set(values) - set(keys)
         if unknown:
             raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}")
