@@ -7,8 +7,7 @@ heads, head_dim 256 / global 512, 18 KV-shared layers, per-layer inputs 256 wide
 5.17's `Gemma4VisionConfig` default (768 wide, 16 layers, ~150M parameters; 280 soft tokens an
 image); no audio tower. The tokenizer is the toy's (search/toy_model.py: Gemma 4's special tokens
 and chat template) grown to the full vocabulary with never-produced filler tokens. The weights are
-drawn from a fixed seed in bf16 directly on the device (no CPU copy), so the compression worker can
-rebuild the same twin instead of reading its files (`twin_for_compression`).
+drawn from a fixed seed in bf16 directly on the device (no CPU copy).
 
 Energy and speed of a random-weight model are representative when the output length is fixed;
 its quality is not. `--toy` builds the same structure at toy size (a CPU rehearsal).
@@ -114,17 +113,6 @@ def build_model(config, device: str):
         torch.set_default_dtype(previous)
     model.eval()
     model.generation_config.do_sample = False
-    return model
-
-
-def twin_for_compression(base: Path, device_map: str | None):
-    """The twin a compression worker compresses (`Compressor(model_factory="search.twin:twin_for_compression")`):
-    rebuilt from the base's config and the seed on the compression device, the same weights as the
-    base's files without reading them."""
-    from transformers import Gemma4Config
-
-    model = build_model(Gemma4Config.from_pretrained(base), device_map or "cpu")
-    model.config.name_or_path = str(base)  # oneshot re-reads the config from disk to validate the model
     return model
 
 

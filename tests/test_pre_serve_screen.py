@@ -36,7 +36,6 @@ class StubCompressor:
         self.prune = prune
         self.calls = 0
         self.trust_remote_code = False
-        self.model_factory = None
 
     def run(self, spec_path: Path, log_path: Path, timeout_s: float) -> dict:
         self.calls += 1

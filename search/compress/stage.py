@@ -68,15 +68,11 @@ def cache_key(base_fingerprint: str, config: CompressionConfig, llmcompressor_ve
 
 
 class Compressor:
-    """A long-lived compression child process, restarted after a crash or a time-out.
+    """A long-lived compression child process, restarted after a crash or a time-out."""
 
-    model_factory: "module:function" that makes the model to compress instead of loading the base
-    checkpoint (worker.load_model says what it must make)."""
-
-    def __init__(self, python: str, trust_remote_code: bool = False, model_factory: str | None = None):
+    def __init__(self, python: str, trust_remote_code: bool = False):
         self.python = python
         self.trust_remote_code = trust_remote_code
-        self.model_factory = model_factory
         self._process: subprocess.Popen | None = None
 
     def run(self, spec_path: Path, log_path: Path, timeout_s: float) -> dict:
@@ -142,7 +138,6 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         spec = {"base_model": str(base_model), "out_dir": str(out_dir), "recipe_path": str(recipe_path),
                 "log_path": str(log_path), "trust_remote_code": compressor.trust_remote_code,
-                "model_factory": compressor.model_factory,
                 "pipeline": pipeline_for(recipe, model_config), "needs_calibration": needs_calibration(recipe),
                 "calibration": flatten(config.calibration), "ffn_widths": ffn_widths, "screen": screen}
         spec_path = work / "spec.json"

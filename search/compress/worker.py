@@ -7,13 +7,12 @@ OOM or crash ends this process only: the parent reports the trial as failed and 
 A spec with a `screen` scores the compressed model before saving it (search/compress/screen.py): a
 model that cannot reach the gate is answered `pruned` and leaves no checkpoint.
 The spec names the base model, the recipe, the pipeline, the calibration set, the output folder
-and the log file, and optionally a factory that makes the model instead of loading it (`load_model`).
+and the log file.
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import os
 import shutil
@@ -51,19 +50,6 @@ def calibration_texts(spec: dict, tokenizer) -> list[str]:
     return texts
 
 
-def load_model(spec: dict, family, device_map: str | None):
-    """The model to compress: the base checkpoint through its family's loader, or what the spec's
-    `model_factory` ("module:function", called with the base folder and the device map) makes. A
-    factory must make the model the base checkpoint holds (the cache key names the base's files):
-    bench/gpu builds its random-weight twin from its seed on the GPU instead of reading 16 GB."""
-    base = Path(spec["base_model"])
-    if spec.get("model_factory"):
-        module, name = spec["model_factory"].split(":")
-        return getattr(importlib.import_module(module), name)(base, device_map)
-    return family.load_for_compression(base, dtype="auto", trust_remote_code=spec.get("trust_remote_code", False),
-                                       device_map=device_map)
-
-
 def run(spec: dict) -> dict:
     started = time.perf_counter()
     import datasets
@@ -82,7 +68,7 @@ def run(spec: dict) -> dict:
     # CPU takes hours. Gemma 4 runs the "basic" pipeline, which needs the whole model on one device.
     device_map = "cuda" if torch.cuda.is_available() else None
     family = family_of(base)
-    model = load_model(spec, family, device_map)
+    model = family.load_for_compression(base, dtype="auto", trust_remote_code=trust, device_map=device_map)
     model_loaded = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
     screen_spec = spec.get("screen")  # the pre-serve screen (search/compress/screen.py), or None
