@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, TypedDict
 
 import httpx
 import yaml
@@ -105,11 +105,49 @@ class TrialRecord:
     outcome: Outcome | None = None
 
 
+class BaselineItem(TypedDict):
+    """One of the baseline's answers: what a trial's answer to the same prompt is scored against."""
+
+    id: str
+    task: str
+    answer: str | None
+    positions: list | None  # teacher-forced top-k logprobs; None for a repeated prompt or past fidelity_items
+    completion_tokens: int
+    label_score: float
+
+
+@dataclass
+class Baseline:
+    """The uncompressed model's answers under the reference settings, made once per study by the
+    trial's own stages (serve, warm-up, answers, quality: `load_or_make_baseline`): every trial's quality
+    is scored against its `items`. Its stages' seconds and joules are in `spent`. On disk it is the
+    JSON object of these four fields (`to_json`); `from_json` reads it, older files too (no `spent`
+    before the stages were metered)."""
+
+    key: str
+    items: list[BaselineItem]
+    reference: dict[str, Any] | None = None  # the reference config, flattened
+    spent: dict[str, float] | None = None  # None: made before its stages were metered
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Baseline:
+        return cls(key=data.get("key", ""), items=list(data["items"]), reference=data.get("reference"),
+                   spent=data.get("spent"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "reference": self.reference, "items": self.items, "spent": self.spent}
+
+    def for_the_bill(self) -> dict[str, Any]:
+        """What the study keeps of it for the search's bill: the reference it answered as and what it spent."""
+        return {name: value for name, value in (("reference", self.reference), ("spent", self.spent))
+                if value is not None}
+
+
 # --------------------------------------------------------------------------------------------
 # The trial
 
 
-def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, stage: Stage,
+def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: Baseline, stage: Stage,
         record: TrialRecord) -> TrialRecord:
     """Run one trial into `record`; raises Infeasible, CompressionFailed, ServerFailed, TrialPruned or
     RuntimeError, with what its stages spent (the one that raised too) left in `record.spent`."""
@@ -158,7 +196,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
         # The quality screen, before any energy is measured: the first items' scores decide whether
         # the trial can still reach the gate, so a hopeless one is pruned without a measurement and
         # the measured window is never split.
-        base_items = [item for item in baseline["items"] if item["positions"] is not None]  # distinct prompts
+        base_items = [item for item in baseline.items if item["positions"] is not None]  # distinct prompts
         fidelity_rows: list[scoring.FidelityRow] = []
         base_split = 0
         # Under a gate of 0 no partial score prunes, and after a clear pre-serve pass it would find nothing.
@@ -170,7 +208,7 @@ def run(runtime: Runtime, config: TrialConfig, workdir: Path, baseline: dict, st
                                                        prompts_by_id, config.workload)
             if split < len(prompts) or base_split < len(base_items):
                 try:
-                    scoring.check_reachable(runtime.gate, config.workload.quality, baseline["items"],
+                    scoring.check_reachable(runtime.gate, config.workload.quality, baseline.items,
                                             screen_results, fidelity_rows, prompts_by_id, [p.id for p in prompts])
                 except TrialPruned:
                     record.spent["pruned_at_screen"] = 1.0  # nothing measured: no energy window was run
@@ -418,13 +456,13 @@ def forced_at_once(force: Callable[[Any], list], items: list) -> list[list]:
 # Score
 
 
-def score(runtime: Runtime, config: TrialConfig, baseline: dict, results: list[RequestResult],
+def score(runtime: Runtime, config: TrialConfig, baseline: Baseline, results: list[RequestResult],
           fidelity_rows: list[scoring.FidelityRow], prompts_by_id: dict[str, Prompt], metrics: dict[str, float],
           tags: dict[str, str], artifacts: list[Path]) -> Outcome:
     """Recovery against the baseline per task, the gate and the latency limits over the measured
     `metrics`: the trial's outcome."""
     per_task = scoring.recovery_by_task(
-        scoring.paired_scores(config.workload.quality, baseline["items"], results, fidelity_rows, prompts_by_id),
+        scoring.paired_scores(config.workload.quality, baseline.items, results, fidelity_rows, prompts_by_id),
         config.workload.seed)
     gate = runtime.gate.evaluate(per_task)
     # Each latency limit as a constraint value: <= 0 holds (the samplers read them as the gate's).
@@ -440,9 +478,9 @@ def score(runtime: Runtime, config: TrialConfig, baseline: dict, results: list[R
         metrics["top1_agreement"] = sum(r[1] for r in fidelity_rows) / len(fidelity_rows)
         metrics["topk_kl"] = sum(r[2] for r in fidelity_rows) / len(fidelity_rows)
     answers = {r.id: r.answer for r in results}
-    if any(i["id"] in answers for i in baseline["items"]):  # none when a replayed traffic was measured
+    if any(i["id"] in answers for i in baseline.items):  # none when a replayed traffic was measured
         metrics["answer_agreement"] = fidelity.answer_agreement(
-            [i["answer"] for i in baseline["items"]], [answers.get(i["id"]) for i in baseline["items"]])
+            [i["answer"] for i in baseline.items], [answers.get(i["id"]) for i in baseline.items])
     tags.update({"gate": gate.reason, "feasible": str(feasible).lower(),
                  "slo": ", ".join(f"{k[4:]} {'ok' if v <= 0 else 'missed'}" for k, v in slo.items()) or "none"})
     return Outcome(metrics["energy_j_per_request"], metrics["recovery_mean"], feasible, metrics, tags, artifacts)
@@ -457,19 +495,18 @@ def baseline_key(runtime: Runtime, model_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_make_baseline(runtime: Runtime, key: str, stage: Stage) -> dict[str, Any]:
+def load_or_make_baseline(runtime: Runtime, key: str, stage: Stage) -> Baseline:
     """Workers sharing a study folder make the baseline once: the first takes the lock, the rest wait."""
     path = runtime.workdir / f"baseline-{key}.json"
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
-            return json.loads(path.read_text())
+            return Baseline.from_json(json.loads(path.read_text()))
         with contextlib.ExitStack() as cleanup:
             return _make_baseline(runtime, key, path, stage, cleanup)
 
 
-def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
-                   cleanup: contextlib.ExitStack) -> dict[str, Any]:
+def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage, cleanup: contextlib.ExitStack) -> Baseline:
     """The reference's answers and teacher-forced positions, and what its stages spent (the search's bill)."""
     ref = runtime.reference
     spent: dict[str, float] = {}
@@ -488,7 +525,7 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"baseline requests failed: {errors[0]}")
-    items = []
+    items: list[BaselineItem] = []
     forced = set()
     with stages("quality", "baseline: teacher forcing"):
         # A prompt the workload repeats (more requests than task items) is compared once: fidelity
@@ -502,17 +539,17 @@ def _make_baseline(runtime: Runtime, key: str, path: Path, stage: Stage,
         positions = dict(zip(to_force, forced_at_once(lambda i: workload.teacher_forced_logprobs(
             server.base_url, server.served_name, prompts[i], results[i].answer, ref.workload), to_force)))
         for index, (prompt, result) in enumerate(zip(prompts, results)):
-            items.append({"id": prompt.id, "task": prompt.task, "answer": result.answer,
-                          "positions": positions.get(index), "completion_tokens": result.completion_tokens,
-                          "label_score": get_scorer(prompt.scorer)(result.answer, list(prompt.answers))})
+            items.append(BaselineItem(id=prompt.id, task=prompt.task, answer=result.answer,
+                                      positions=positions.get(index), completion_tokens=result.completion_tokens,
+                                      label_score=get_scorer(prompt.scorer)(result.answer, list(prompt.answers))))
     if ref.workload.quality == "labels":
         for task in {i["task"] for i in items}:
             if not any(i["label_score"] for i in items if i["task"] == task):
                 raise ValueError(f"the baseline scores 0 on task {task}: recovery against it is undefined "
                                  "(a random-weight model? use workload.quality: fidelity)")
-    baseline = {"key": key, "reference": flatten(ref), "items": items, "spent": spent}
+    baseline = Baseline(key=key, items=items, reference=flatten(ref), spent=spent)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(baseline))
+    tmp.write_text(json.dumps(baseline.to_json()))
     tmp.replace(path)
     return baseline
 

@@ -44,7 +44,8 @@ def served(monkeypatch):
 def objective(study, tmp_path, presets=None, repeat_measured=False, multi=False):
     logged = []
     tracker = SimpleNamespace(log_trial=logged.append)
-    return study_mod.Objective(study, space_mod.load(E2E_SPACE), SimpleNamespace(workdir=tmp_path), {}, tracker,
+    return study_mod.Objective(study, space_mod.load(E2E_SPACE), SimpleNamespace(workdir=tmp_path),
+                               trial_mod.Baseline("test", []), tracker,
                                presets or {}, Progress(io.StringIO()), multi, repeat_measured=repeat_measured)
 
 

@@ -141,7 +141,7 @@ def test_the_baseline_teacher_forces_only_the_first_fidelity_items_distinct_prom
     with contextlib.ExitStack() as cleanup:
         baseline = trial._make_baseline(runtime, "k", tmp_path / "baseline.json", lambda name: None, cleanup)
     assert forced == ["t/0", "t/1", "t/2", "t/3"]
-    assert [item["positions"] is not None for item in baseline["items"]] == [True] * 4 + [False] * 2
+    assert [item["positions"] is not None for item in baseline.items] == [True] * 4 + [False] * 2
 
 
 def test_a_fixed_job_of_generated_tasks_sends_distinct_prompts(tmp_path):

@@ -102,18 +102,18 @@ def _runtime(family_name: str, gate: float, tmp_path: Path):
 def test_the_screen_is_skipped_under_gate_0_and_for_unsupported_families_saying_so_once(tmp_path, capsys):
     compressed = cfg.build({"compress.scheme": "w4a16"})
     screen._said.clear()
-    assert screen.for_trial(_runtime("llama", 0.0, tmp_path), compressed, {"items": []}) is None
-    assert screen.for_trial(_runtime("llama", 0.0, tmp_path), compressed, {"items": []}) is None
-    assert screen.for_trial(_runtime("gemma4", 0.8, tmp_path), compressed, {"items": []}) is None
+    assert screen.for_trial(_runtime("llama", 0.0, tmp_path), compressed, trial_mod.Baseline("test", [])) is None
+    assert screen.for_trial(_runtime("llama", 0.0, tmp_path), compressed, trial_mod.Baseline("test", [])) is None
+    assert screen.for_trial(_runtime("gemma4", 0.8, tmp_path), compressed, trial_mod.Baseline("test", [])) is None
     err = capsys.readouterr().err.splitlines()
     assert err == ["pre-serve screen off: under a gate of 0 no score prunes",
                    "pre-serve screen off: gemma4: not checked"]
     # Nothing compressed: nothing to screen, and nothing said.
-    assert screen.for_trial(_runtime("gemma4", 0.8, tmp_path), cfg.build({}), {"items": []}) is None
+    assert screen.for_trial(_runtime("gemma4", 0.8, tmp_path), cfg.build({}), trial_mod.Baseline("test", [])) is None
     assert capsys.readouterr().err == ""
     with_image = _runtime("llama", 0.8, tmp_path)
     with_image.prompts = lambda _: [SimpleNamespace(id="t/1", image_png=b"png")]
-    assert screen.for_trial(with_image, compressed, {"items": []}) is None
+    assert screen.for_trial(with_image, compressed, trial_mod.Baseline("test", [])) is None
     assert "images" in capsys.readouterr().err
 
 
@@ -158,7 +158,7 @@ def test_a_trial_pruned_before_serving_records_it_and_asks_for_no_server(tmp_pat
     record = trial_mod.TrialRecord()
     config = cfg.build({"compress.scheme": "w4a16", "compress.method": "rtn"})
     with pytest.raises(screen.PrunedBeforeServing):
-        trial_mod.run(runtime, config, tmp_path / "trial", {"items": []}, lambda _: None, record)
+        trial_mod.run(runtime, config, tmp_path / "trial", trial_mod.Baseline("test", []), lambda _: None, record)
     assert record.spent["pruned_before_serving"] == 1.0 and record.spent["pre_serve_recovery"] == 0.4
     assert "time_compress_s" in record.spent and "time_serve_s" not in record.spent
     assert runtime.pool.asked == 0 and runtime.cache.entries() == []
@@ -197,7 +197,7 @@ def real_compressor(main_python):
 def _baseline() -> dict:
     """The reference's answers as the study's baseline holds them (labels mode: no positions needed)."""
     items = json.loads(ANSWERS.read_text())["items"]
-    return {"key": "test-smollm2", "items": [{**i, "positions": None} for i in items]}
+    return trial_mod.Baseline(key="test-smollm2", items=[{**i, "positions": None} for i in items])
 
 
 def _real_trial(tmp_path, study_dir, smollm2, compressor, values: dict):

@@ -71,7 +71,7 @@ def small_study(tmp_path_factory):
                               slos={}, gate=Gate(threshold=0.8),
                               reference=SimpleNamespace(workload=SimpleNamespace(describe_job=lambda: "a fixed job")))
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "glance", home / "mlartifacts", home / "spool")
-    baseline = {"reference": space.reference_config().flat()}
+    baseline = trial_mod.Baseline("test", [], reference=space.reference_config().flat())
     options = study_mod.RunOptions(6, None, "seeds", presets, storage_url=storage, stop_rule=None)
     try:
         study_mod.run(study, space, runtime, baseline, tracker, options, Progress(io.StringIO()))

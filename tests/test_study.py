@@ -121,7 +121,8 @@ def test_a_full_disk_fails_the_trial_it_hits_and_the_study_goes_on(full_disk, tm
     monkeypatch.setattr(trial_mod, "run", lambda *args: trial_mod.TrialRecord(outcome=outcome))
     study = optuna.create_study()
     space = space_mod.load(E2E_SPACE)
-    objective = study_mod.Objective(study, space, SimpleNamespace(workdir=tmp_path), {}, tracker, {},
+    objective = study_mod.Objective(study, space, SimpleNamespace(workdir=tmp_path), trial_mod.Baseline("test", []),
+                                    tracker, {},
                                     Progress(io.StringIO()), False)
     filler = fill(full_disk)
     study.optimize(objective, n_trials=2, catch=(study_mod.TrialFailed,))
@@ -149,8 +150,8 @@ def test_a_trial_over_its_budget_stops_its_server_while_it_starts(serve_python, 
                                 tmp_path / "data")
     study = optuna.create_study()
     tracker = Tracker("http://127.0.0.1:9", "budget", tmp_path / "art", tmp_path / "spool")
-    objective = study_mod.Objective(study, space, runtime, {"items": []}, tracker, {}, Progress(io.StringIO()),
-                                    False, trial_timeout_s=3)
+    objective = study_mod.Objective(study, space, runtime, trial_mod.Baseline("test", []), tracker, {},
+                                    Progress(io.StringIO()), False, trial_timeout_s=3)
     started = time.monotonic()
     study.optimize(objective, n_trials=1, catch=(study_mod.TrialFailed,))
     elapsed = time.monotonic() - started

@@ -132,9 +132,9 @@ def make_spec(quality: str, prompts: Sequence, baseline_items: Sequence[Mapping]
     return spec
 
 
-def for_trial(runtime, config, baseline: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The screen's spec for one trial of a study (search/trial.py's Runtime), or None where it does
-    not run (said once per run when the reason is worth a line)."""
+def for_trial(runtime, config, baseline) -> dict[str, Any] | None:
+    """The screen's spec for one trial of a study (search/trial.py's Runtime and Baseline), or None
+    where it does not run (said once per run when the reason is worth a line)."""
     if not config.compress.needs_checkpoint:
         return None  # nothing is compressed: the served screen judges request settings alone
     prompts = runtime.prompts(config.workload)
@@ -142,8 +142,8 @@ def for_trial(runtime, config, baseline: Mapping[str, Any]) -> dict[str, Any] | 
     if reason is not None:
         say_once(reason)
         return None
-    return make_spec(config.workload.quality, prompts, baseline["items"], config.workload,
-                     runtime.reference.workload, runtime.gate, runtime.workdir, str(baseline.get("key", "")),
+    return make_spec(config.workload.quality, prompts, baseline.items, config.workload,
+                     runtime.reference.workload, runtime.gate, runtime.workdir, str(baseline.key),
                      MARGIN)
 
 
