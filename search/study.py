@@ -19,11 +19,11 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pydantic.dataclasses
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -167,8 +167,11 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
         raise cfg.ConfigError(f"no study named {name!r} in {redact(storage_url)}") from None
 
 
-@dataclass
+@pydantic.dataclasses.dataclass(config=pydantic.ConfigDict(extra="forbid", strict=True))
 class RunOptions:
+    """What one run of the study does (the CLI makes it from search/options.py's RunSettings): typed,
+    and checked as it is made."""
+
     trials: int
     timeout_s: float | None
     warm_start: str
@@ -208,7 +211,7 @@ def retry_interrupted(study: optuna.Study) -> int:
 
 class Objective:
     def __init__(self, study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
-                 baseline: trial_mod.Baseline, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
+                 baseline: dict, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
                  multi_objective: bool, trial_timeout_s: float | None = None, repeat_measured: bool = False):
         self.study = study
         self.space = space
@@ -312,7 +315,7 @@ class Objective:
     def _review_context(self, trial: optuna.Trial) -> dict[str, Any]:
         """What the trial's MLflow run is described against (search/review.py): its real start, the gate,
         the reference configuration and the reference's J/request (the reference's own trial is its own)."""
-        reference = dedupe.reference_config(self.study) or self.baseline.reference
+        reference = dedupe.reference_config(self.study) or self.baseline.get("reference")
         reference_j = study_bill(self.study).reference_j_per_request
         start = trial.datetime_start
         gate = getattr(self.runtime, "gate", None)
@@ -383,13 +386,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: trial_mod.Baseline,
+def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: dict,
         tracker: Tracker, options: RunOptions, progress: Progress) -> dict[str, int]:
     queue_first_trials(study, space, options)
     objective = Objective(study, space, runtime, baseline, tracker, with_reference(space, options.presets), progress,
                           len(study.directions) > 1, options.trial_timeout_s, repeat_measured=options.repeat_measured)
     # What the baseline spent, and the reference it answered as, for the search's bill.
-    study.set_user_attr("baseline", baseline.for_the_bill())
+    study.set_user_attr("baseline", {k: baseline[k] for k in ("reference", "spent") if k in baseline})
     study.set_user_attr("job", runtime.reference.workload.describe_job())
     progress.study_started(study, options.trials)
     stopped = optimize_until(study, objective, options)
