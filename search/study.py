@@ -211,7 +211,7 @@ def retry_interrupted(study: optuna.Study) -> int:
 
 class Objective:
     def __init__(self, study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
-                 baseline: dict, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
+                 baseline: trial_mod.Baseline, tracker: Tracker, presets: dict[str, dict[str, Any]], progress: Progress,
                  multi_objective: bool, trial_timeout_s: float | None = None, repeat_measured: bool = False):
         self.study = study
         self.space = space
@@ -315,7 +315,7 @@ class Objective:
     def _review_context(self, trial: optuna.Trial) -> dict[str, Any]:
         """What the trial's MLflow run is described against (search/review.py): its real start, the gate,
         the reference configuration and the reference's J/request (the reference's own trial is its own)."""
-        reference = dedupe.reference_config(self.study) or self.baseline.get("reference")
+        reference = dedupe.reference_config(self.study) or self.baseline.reference
         reference_j = study_bill(self.study).reference_j_per_request
         start = trial.datetime_start
         gate = getattr(self.runtime, "gate", None)
@@ -386,13 +386,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: dict,
+def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime, baseline: trial_mod.Baseline,
         tracker: Tracker, options: RunOptions, progress: Progress) -> dict[str, int]:
     queue_first_trials(study, space, options)
     objective = Objective(study, space, runtime, baseline, tracker, with_reference(space, options.presets), progress,
                           len(study.directions) > 1, options.trial_timeout_s, repeat_measured=options.repeat_measured)
     # What the baseline spent, and the reference it answered as, for the search's bill.
-    study.set_user_attr("baseline", {k: baseline[k] for k in ("reference", "spent") if k in baseline})
+    study.set_user_attr("baseline", baseline.for_the_bill())
     study.set_user_attr("job", runtime.reference.workload.describe_job())
     progress.study_started(study, options.trials)
     stopped = optimize_until(study, objective, options)
