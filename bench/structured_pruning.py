@@ -20,14 +20,8 @@ from search import config as cfg  # noqa: E402
 from search.compress.recipe import structured_widths  # noqa: E402
 from search.floor import flops_per_token, linear_flops_per_token, model_dtype_bytes, weight_bytes  # noqa: E402
 from search.toy_model import TEXT_CONFIG as TOY_TEXT  # noqa: E402
+from search.twin import FULL_TEXT as E4B_TEXT  # noqa: E402  (the twin's: E4B's public config values)
 
-E4B_TEXT = dict(
-    vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size=2560, intermediate_size=10240,
-    num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512,
-    num_kv_shared_layers=18, hidden_size_per_layer_input=256,
-    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7, sliding_window=512,
-    tie_word_embeddings=True,
-)
 # Seed 004's published profile: 20% of the channels in 22 layers, 10% in layer 9, none elsewhere.
 SEED_004 = [0.2] * 4 + [0.0] + [0.2] * 2 + [0.0] * 2 + [0.1] + [0.0] * 2 + [0.2] * 2 + [0.0] + [0.2] * 2 + [0.0] \
     + [0.2] * 4 + [0.0] * 2 + [0.2] * 4 + [0.0] * 2 + [0.2] * 2 + [0.0] + [0.2] * 2 + [0.0] * 7
