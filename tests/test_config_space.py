@@ -361,7 +361,8 @@ def test_the_reference_trial_keeps_the_reference_settings_where_the_spaces_fixed
     study_mod.queue_first_trials(study, space, study_mod.RunOptions(1, None, "none", {}, None))
     ran = []
     runtime = SimpleNamespace(workdir=tmp_path, pool=SimpleNamespace(discard=lambda: None), slos={})
-    objective = study_mod.Objective(study, space, runtime, {}, SimpleNamespace(log_trial=lambda record: None),
+    objective = study_mod.Objective(study, space, runtime, study_mod.trial_mod.Baseline("test", []),
+                                    SimpleNamespace(log_trial=lambda record: None),
                                     study_mod.with_reference(space, {}),
                                     SimpleNamespace(trial_started=lambda *a: None, trial_finished=lambda *a: None,
                                                     stage=lambda name: None), False)
