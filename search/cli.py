@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -264,29 +263,6 @@ def parse_slos(pairs: list[str]) -> dict[str, float]:
     return out
 
 
-def check_numbers(args) -> None:
-    """Numbers argparse reads as numbers, and which must also make sense."""
-    if args.trials < 0:
-        raise ValueError(f"--trials is how many finished trials the study should hold: {args.trials} is below 0")
-    for flag, value in (("--timeout", args.timeout), ("--trial-timeout", args.trial_timeout),
-                        ("--cache-cap-gb", args.cache_cap_gb)):
-        if value is not None and not 0 < value < math.inf:
-            raise ValueError(f"{flag} must be above 0 and finite, got {value}"
-                             + (" (leave it out for no limit)" if value == math.inf else ""))
-    if not 0 <= args.seed < 2**32:  # what NumPy's generators, and so Optuna's samplers, take
-        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
-    if args.heartbeat < 1:
-        raise ValueError(f"--heartbeat is in seconds and must be at least 1, got {args.heartbeat}")
-    if args.stop_after_flat < 1:
-        raise ValueError(f"--stop-after-flat is a number of trials and must be at least 1, got {args.stop_after_flat} "
-                         "(--no-early-stop turns the rule off)")
-    if not 0.0 <= args.stop_min_gain < 100.0:
-        raise ValueError(f"--stop-min-gain is a percentage in [0, 100), got {args.stop_min_gain}")
-    for flag, value in (("--gate", args.gate), ("--per-task-min", args.per_task_min)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"{flag} is a fraction of the reference's quality: {value} is not in [0, 1]")
-
-
 def stop_rule(args):
     """The run's stop rule (search/stopping.py), None with --no-early-stop."""
     from search.stopping import StopRule
@@ -387,10 +363,10 @@ def cmd_run(args) -> int:
     from search import interrupts
 
     interrupts.handle_stop_signals()  # SIGTERM and SIGHUP end the run as Ctrl-C does
+    # Cheap checks first: none of them connects to, starts or loads anything; the options' own (the
+    # model's rules) before the trial configuration and Optuna are imported (~1 s of a refusal's time
+    # on 2 busy cores).
     args = RunSettings.from_namespace(args)  # the flags as the typed options they were made from
-    # Cheap checks first: none of them connects to, starts or loads anything; the options' own
-    # before pydantic and Optuna are imported (~1 s of a refusal's time on 2 busy cores).
-    check_numbers(args)
     slos = parse_slos(args.slo)
     from search import config as cfg
     from search import space as space_mod

@@ -3,8 +3,8 @@
 `add_arguments` makes the argparse arguments from the fields (the flag is the field's name with
 dashes, its help the field's description, its choices a Literal's values, a bool a switch, a list a
 repeatable flag), as vLLM's EngineArgs does; `RunSettings.from_namespace` reads the parsed flags
-back as the model. A new option of the study is one field here. What a value must also meet, and
-the message that says so, stays where the option is read (search/cli.py, `check_numbers`).
+back as the model. A new option of the study is one field here, with its rule (a validator) and the
+one line that says a value breaks it.
 
 Only pydantic is imported: the parser is built before any refusal, and a refusal must stay quick.
 """
@@ -12,12 +12,13 @@ Only pydantic is imported: the parser is built before any refusal, and a refusal
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = "gemma4-energy"
@@ -63,9 +64,12 @@ class StudySettings(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            flag = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "the options"
-            raise ValueError(f"{flag}: {error['msg'].lower()}, got {error['input']!r}") from None
+            error = exc.errors()[0]  # the first in --help's order
+            raised = error.get("ctx", {}).get("error")
+            if isinstance(raised, ValueError):  # a rule of the model's, in its own words
+                raise ValueError(str(raised)) from None
+            name = flag(str(error["loc"][0])) if error["loc"] else "the options"
+            raise ValueError(f"{name}: {error['msg'].lower()}, got {error['input']!r}") from None
 
 
 class RunSettings(StudySettings):
@@ -138,6 +142,59 @@ class RunSettings(StudySettings):
                            "reference's included), e.g. to see its measurement noise. By default such a trial is "
                            "answered from that measurement: the sampler gets the same values and constraints, the "
                            "trial records duplicate_of=N, and nothing is compressed, served or billed")
+
+    # What the numbers argparse reads as numbers must also meet, each said in one line.
+    @field_validator("trials")
+    @classmethod
+    def _a_count(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"--trials is how many finished trials the study should hold: {value} is below 0")
+        return value
+
+    @field_validator("timeout", "trial_timeout", "cache_cap_gb")
+    @classmethod
+    def _a_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not 0 < value < math.inf:
+            raise ValueError(f"{flag(info.field_name)} must be above 0 and finite, got {value}"
+                             + (" (leave it out for no limit)" if value == math.inf else ""))
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _a_seed(cls, value: int) -> int:
+        if not 0 <= value < 2**32:  # what NumPy's generators, and so Optuna's samplers, take
+            raise ValueError(f"--seed must be in [0, 2**32 - 1], got {value}")
+        return value
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _a_period(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"--heartbeat is in seconds and must be at least 1, got {value}")
+        return value
+
+    @field_validator("stop_after_flat")
+    @classmethod
+    def _some_trials(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"--stop-after-flat is a number of trials and must be at least 1, got {value} "
+                             "(--no-early-stop turns the rule off)")
+        return value
+
+    @field_validator("stop_min_gain")
+    @classmethod
+    def _a_percentage(cls, value: float) -> float:
+        if not 0.0 <= value < 100.0:
+            raise ValueError(f"--stop-min-gain is a percentage in [0, 100), got {value}")
+        return value
+
+    @field_validator("gate", "per_task_min")
+    @classmethod
+    def _a_share_of_quality(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag(info.field_name)} is a fraction of the reference's quality: {value} is not "
+                             "in [0, 1]")
+        return value
 
 
 def flag(name: str) -> str:

@@ -85,3 +85,14 @@ def test_run_options_are_typed_and_refuse_unknown_ones():
         RunOptions(4, None, "none", {}, pol_s=1.0)
     with pytest.raises(ValueError, match="valid integer"):
         RunOptions("4", None, "none", {})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"trials": -1}, "--trials is how many finished trials the study should hold: -1 is below 0"),
+    ({"trial_timeout": float("nan")}, "--trial-timeout must be above 0 and finite, got nan"),
+    ({"per_task_min": 1.5}, "--per-task-min is a fraction of the reference's quality: 1.5 is not in [0, 1]"),
+])
+def test_an_options_rule_lives_with_its_field(values, message):
+    with pytest.raises(ValueError) as info:
+        RunSettings.from_namespace(argparse.Namespace(**values))
+    assert str(info.value) == message
