@@ -6,6 +6,10 @@ A space file has four sections (see spaces/default.yaml):
                 `when: {other.option: [values]}` makes it conditional
   constraints:  [{expr: "serve.max_num_seqs * serve.max_model_len <= 16384", why: "..."}]
   model / reference: which model, and the settings of the uncompressed baseline
+
+The file is read as the pydantic model SpaceFile (ParamSpec, ConstraintSpec), a presets file entry by
+entry as PresetEntry: a key a part does not have, or a value of the wrong shape, is one ConfigError
+naming the file and the key; then each option is checked against the trial configuration's.
 """
 
 from __future__ import annotations
