@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Any
 import optuna
 import pydantic.dataclasses
 import sqlalchemy
+import tenacity
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -70,13 +70,14 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 # A dropped database connection (a restart, a fail-over) is retried for about 30 s before the
 # operation fails: `pool_pre_ping` alone only replaces connections that died while idle.
 DB_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
-# The storage calls Optuna's cache makes: each runs in a session of its own, so each can run again.
+# RDBStorage's public calls: each runs in a database session of its own, so each can run again.
 _RETRIED_CALLS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "_create_new_trial", "_set_trial_param", "get_trial_id_from_study_id_trial_number",
-    "_get_best_trial_id", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
-    "set_trial_system_attr", "get_trial", "_get_trials", "record_heartbeat", "_get_stale_trial_ids")
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_trials",
+    "record_heartbeat")
 
 
 def _connection_lost(exc: BaseException | None) -> bool:
@@ -88,26 +89,42 @@ def _connection_lost(exc: BaseException | None) -> bool:
     return False
 
 
-def _retried(call):
-    @functools.wraps(call)
-    def retrying(*args, **kwargs):
-        for pause in DB_RETRY_S:
-            try:
-                return call(*args, **kwargs)
-            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-                if not _connection_lost(exc):
-                    raise
-                time.sleep(pause)
-        return call(*args, **kwargs)
-    return retrying
+def _patiently(retry: tenacity.retry_base) -> tenacity.Retrying:
+    """Up to len(DB_RETRY_S) more tries, DB_RETRY_S apart; the last failure is raised as it was."""
+    return tenacity.Retrying(retry=retry, wait=tenacity.wait_chain(*map(tenacity.wait_fixed, DB_RETRY_S)),
+                             stop=tenacity.stop_after_attempt(len(DB_RETRY_S) + 1), reraise=True)
+
+
+_ON_LOST_CONNECTION = _patiently(tenacity.retry_if_exception(
+    lambda exc: isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError))
+    and _connection_lost(exc)))
+
+
+def _connect_patiently(dialect, connection_record, cargs, cparams):
+    """SQLAlchemy's `do_connect` hook: a new connection (a pre-ping replacing a dead one too) waits
+    for a database that is away, as the retried calls do."""
+    return _patiently(tenacity.retry_if_exception_type(dialect.loaded_dbapi.OperationalError))(
+        dialect.connect, *cargs, **cparams)
 
 
 class ReconnectingStorage(RDBStorage):
-    """Optuna's RDB storage, running again what a lost database connection broke."""
+    """Optuna's RDB storage, running again the public calls a lost database connection broke.
+
+    Optuna's cache in front of it also calls methods of its own (a new trial, a parameter, the trials'
+    read, the stale trials' ids): a connection they open waits for the database, but a call whose
+    connection drops mid-way is not run again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the first connection fails at once, as a wrong URL should
+        sqlalchemy.event.listen(self.engine, "do_connect", _connect_patiently)
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:  # a new engine: listen on it too
+        super().__setstate__(state)
+        sqlalchemy.event.listen(self.engine, "do_connect", _connect_patiently)
 
 
 for _name in _RETRIED_CALLS:
-    setattr(ReconnectingStorage, _name, _retried(getattr(RDBStorage, _name)))
+    setattr(ReconnectingStorage, _name, _ON_LOST_CONNECTION.wraps(getattr(RDBStorage, _name)))
 
 
 def storage(url: str, heartbeat_s: int = 30) -> RDBStorage:
@@ -502,7 +519,7 @@ def ask_lock(storage_url: str, study_name: str):
         handle = open(f"{url.database}.ask-lock", "w")
         fcntl.flock(handle, fcntl.LOCK_EX)
     elif backend == "postgresql":
-        connection = _retried(_advisory_lock)(url, study_name)
+        connection = _ON_LOST_CONNECTION(_advisory_lock, url, study_name)
 
     def release() -> None:
         nonlocal handle, connection
