@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tenacity
+
 from search.redaction import redact
 from search.review import KEY_METRICS
 from search.errors import SearchError
@@ -99,18 +101,23 @@ class Tracker:
         name = f"{time.time_ns():020d}-{self._sequence:06d}-{record['kind']}.json"
         path, partial = self.spool_dir / name, self.spool_dir / f".{name}.tmp"
         text = json.dumps(record, default=str)
-        pauses = list(SPOOL_RETRY_S)
-        while True:
+
+        def write() -> Path:
             try:
                 partial.write_text(text)
                 partial.replace(path)  # a record is whole or absent, never half written
-                return path
-            except OSError as exc:
+            except OSError:
                 partial.unlink(missing_ok=True)
-                if not pauses:
-                    raise TrackingFailed(f"MLflow record not written to {self.spool_dir}: "
-                                         f"{type(exc).__name__}: {exc}") from None
-                time.sleep(pauses.pop(0))
+                raise
+            return path
+
+        try:
+            return tenacity.Retrying(retry=tenacity.retry_if_exception_type(OSError),
+                                     wait=tenacity.wait_chain(*map(tenacity.wait_fixed, SPOOL_RETRY_S)),
+                                     stop=tenacity.stop_after_attempt(len(SPOOL_RETRY_S) + 1), reraise=True)(write)
+        except OSError as exc:
+            raise TrackingFailed(f"MLflow record not written to {self.spool_dir}: "
+                                 f"{type(exc).__name__}: {exc}") from None
 
     def pending(self) -> list[Path]:
         return sorted(self.spool_dir.glob("*.json"))
