@@ -1,12 +1,18 @@
-"""A live view of the study on the terminal: current trial and stage, elapsed time, counts, best so far."""
+"""A live view of the study on the terminal: current trial and stage, elapsed time, counts, best so far.
+
+On a terminal rich redraws the line in place (a `Live` display) and the trials' own lines print above
+it; elsewhere (a log file, a pipe) each stage and each trial is a line of its own.
+"""
 
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import optuna
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
 
 from search.summaries import best_feasible, counts, finished
 
@@ -23,8 +29,7 @@ class Progress:
         self.trial: int | None = None
         self.stage_name = ""
         self.stage_started = self.trial_started_at = time.monotonic()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._view: Live | None = None
 
     def _line(self) -> str:
         now = time.monotonic()
@@ -37,16 +42,15 @@ class Progress:
                 f"complete {c['complete']} pruned {c['pruned']} failed {c['failed']} "
                 f"infeasible {c['infeasible']} | best feasible {best}")
 
-    def _print(self, text: str, final: bool = False) -> None:
-        if self.live:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
+    def _print(self, text: str) -> None:
+        if self._view is not None:  # above the live line, which rich draws again below it
+            self._view.console.print(Text(text), soft_wrap=True)
+            return
+        self.stream.write(text + "\n")
         self.stream.flush()
 
-    def _tick(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            self._print(self._line())
+    def _live_line(self) -> Text:
+        return Text(self._line(), no_wrap=True, overflow="ellipsis")
 
     def study_started(self, study: optuna.Study, total: int) -> None:
         now = counts(study)
@@ -55,15 +59,17 @@ class Progress:
         self.best = best.values[0] if best else None
         self.total = total
         self.done = finished(study)
-        if self.live and self._thread is None:
-            self._thread = threading.Thread(target=self._tick, daemon=True)
-            self._thread.start()
+        if self.live and self._view is None:
+            self._view = Live(get_renderable=self._live_line, console=Console(file=self.stream),
+                              refresh_per_second=1 / self.refresh_s, transient=True,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._view.start()
 
     def trial_started(self, number: int, preset: str | None) -> None:
         self.trial = number
         self.trial_started_at = time.monotonic()
         if preset:
-            self._print(f"trial {number}: preset {preset}", final=True)
+            self._print(f"trial {number}: preset {preset}")
 
     def stage(self, name: str) -> None:
         self.stage_name = name
@@ -77,11 +83,10 @@ class Progress:
         if objective is not None and (self.best is None or objective < self.best):
             self.best = objective
         note = f" ({reason if len(reason) <= 240 else reason[:239] + '…'})" if reason else ""
-        self._print(f"trial {self.trial} {state} in {time.monotonic() - self.trial_started_at:.1f}s{note}",
-                    final=True)
+        self._print(f"trial {self.trial} {state} in {time.monotonic() - self.trial_started_at:.1f}s{note}")
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-            self._print(self._line(), final=True)
+        if self._view is not None:
+            view, self._view = self._view, None
+            view.stop()  # the live line goes (transient); the last state stays as a plain line
+            self._print(self._line())
