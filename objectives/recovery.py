@@ -6,11 +6,14 @@ pairs (the same items for trial and baseline), so item difficulty cancels out of
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.stats
 
 from search.errors import SearchError
 
@@ -83,14 +86,27 @@ def bootstrap_interval(
     t, b = _paired_arrays(trial_item_scores, baseline_item_scores)
     if b.mean() == 0:
         raise BaselineZeroError(task)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, t.size, size=(n_resamples, t.size))
-    t_means = t[idx].mean(axis=1)
-    b_means = b[idx].mean(axis=1)
-    ok = b_means != 0
-    ratios = t_means[ok] / b_means[ok]
-    low, high = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
+    if t.size == 1:  # every resample is the one item (scipy asks for two)
+        return float(t[0] / b[0]), float(t[0] / b[0])
+    with warnings.catch_warnings():  # a dropped resample makes scipy's interval NaN, and it warns
+        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+        result = scipy.stats.bootstrap((t, b), _mean_ratio, n_resamples=n_resamples, vectorized=True, paired=True,
+                                       confidence_level=1 - alpha, method="percentile",
+                                       **{_SEED_ARGUMENT: np.random.default_rng(seed)})
+    low, high = result.confidence_interval
+    if np.isnan(low) or np.isnan(high):  # resamples without a ratio: the interval of those with one
+        low, high = np.nanquantile(result.bootstrap_distribution, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def _mean_ratio(trial: np.ndarray, baseline: np.ndarray, axis: int = -1) -> np.ndarray:
+    """mean(trial) / mean(baseline) along `axis`; NaN where the baseline's mean is 0."""
+    t_means, b_means = trial.mean(axis=axis), baseline.mean(axis=axis)
+    return np.divide(t_means, b_means, out=np.full_like(t_means, np.nan), where=b_means != 0)
+
+
+# scipy 1.15 renamed `random_state` to `rng` (the same Generator, the same resamples).
+_SEED_ARGUMENT = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
 
 
 def estimate_recovery(
