@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tenacity
 import yaml
 
 from search import lifeline
@@ -219,10 +220,10 @@ class Server:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        deadline = time.monotonic() + 15
         # SIGKILL lands asynchronously: the engine and workers can outlive this call by a moment.
-        while (port_in_use(self.port) or _running(self._pids_at_start)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        tenacity.Retrying(retry=tenacity.retry_if_result(bool), wait=tenacity.wait_fixed(0.2),
+                          stop=tenacity.stop_after_delay(15), retry_error_callback=lambda _: None)(
+            lambda: port_in_use(self.port) or _running(self._pids_at_start))
         wait_gpu_released(self._pids_at_start)
 
 
@@ -253,15 +254,13 @@ def gpu_processes() -> set[int] | None:
 
 def wait_gpu_released(server_pids: list[int], timeout_s: float = 60) -> None:
     """The next trial must not start on a GPU whose memory a dead server still holds."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        holding = gpu_processes()
-        if holding is None or not holding & set(server_pids):
-            return
-        if time.monotonic() > deadline:
-            raise ServerFailed(f"GPU memory not released {timeout_s:.0f} s after stopping the server "
-                               f"(processes {sorted(holding & set(server_pids))})")
-        time.sleep(0.5)
+    def still_held(state: tenacity.RetryCallState) -> None:
+        raise ServerFailed(f"GPU memory not released {timeout_s:.0f} s after stopping the server "
+                           f"(processes {sorted(state.outcome.result())})")
+
+    tenacity.Retrying(retry=tenacity.retry_if_result(bool), wait=tenacity.wait_fixed(0.5),
+                      stop=tenacity.stop_after_delay(timeout_s), retry_error_callback=still_held)(
+        lambda: (gpu_processes() or set()) & set(server_pids))
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -296,23 +295,28 @@ def launch(python: str, model: Path, config: dict[str, Any], workdir: Path,
 def wait_ready(server: Server, timeout_s: float = 600) -> Server:
     """Wait for /health. A server that exits meanwhile, or is stopped by another thread (a trial
     over its time budget), fails with the reason its log gives."""
-    deadline = server.launched_at + timeout_s
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if server.process.poll() is not None:
             server.stop()
             raise ServerFailed(f"vLLM exited with {server.process.returncode} before ready: "
                                f"{failure_reason(server.log_path)}")
         try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                server.started_s = time.monotonic() - server.launched_at
-                server._pids_at_start = server.pids()
-                server._log_bytes_at_ready = server.log_path.stat().st_size
-                return server
+            return httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise ServerFailed(f"vLLM not ready within {timeout_s:.0f} s: {failure_reason(server.log_path)}")
+            return False
+
+    def not_ready(state: tenacity.RetryCallState) -> None:
+        server.stop()
+        raise ServerFailed(f"vLLM not ready within {timeout_s:.0f} s: {failure_reason(server.log_path)}")
+
+    # Polled every 0.5 s until launched_at + timeout_s (no poll starts after it).
+    deadline = server.launched_at + timeout_s
+    tenacity.Retrying(retry=tenacity.retry_if_result(lambda ready: not ready), wait=tenacity.wait_fixed(0.5),
+                      stop=lambda _: time.monotonic() + 0.5 >= deadline, retry_error_callback=not_ready)(healthy)
+    server.started_s = time.monotonic() - server.launched_at
+    server._pids_at_start = server.pids()
+    server._log_bytes_at_ready = server.log_path.stat().st_size
+    return server
 
 
 def start(python: str, model: Path, config: dict[str, Any], workdir: Path, timeout_s: float = 600,
