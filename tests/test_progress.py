@@ -3,6 +3,7 @@
 import io
 import os
 import pty
+import select
 
 import pytest
 
@@ -47,8 +48,12 @@ def test_a_terminal_gets_the_live_line_and_the_trials_above_it(study):
     assert progress.live
     run_one_trial(progress, study)
     stream.flush()
-    os.set_blocking(master, False)
-    out = os.read(master, 1 << 20).decode()
+    out = b""
+    # The pty hands the master what was written a moment later (the kernel pushes it): read until the
+    # last line has come, or nothing more comes for 10 s.
+    while not out.endswith(b"J/request\r\n") and select.select([master], [], [], 10)[0]:
+        out += os.read(master, 1 << 16)
+    out = out.decode()
     os.close(master)
     stream.close()
     assert "trial 1: preset ref\r\n" in out and "trial 1 complete in " in out
