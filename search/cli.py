@@ -299,16 +299,23 @@ def check_model_argument(model: str) -> None:
 
 
 def _built_once(target: Path, command: list[str]) -> Path:
-    """A model folder made by `command TMP` the first time it is asked for, then reused."""
+    """A model folder made by `command TMP` the first time it is asked for, then reused; workers
+    that start together (`--gpus`) build it once: the first takes the lock, the rest wait."""
     if not (target / "config.json").exists():
+        import fcntl
         import shutil
         import subprocess
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([*command, str(tmp)], cwd=PROJECT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ValueError(f"building {target.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
-        tmp.rename(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(target.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").exists():
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                proc = subprocess.run([*command, str(tmp)], cwd=PROJECT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise ValueError(f"building {target.name} failed: "
+                                     f"{(proc.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+                tmp.rename(target)
     return target.resolve()
 
 
@@ -366,7 +373,11 @@ def cmd_run(args) -> int:
     # Cheap checks first: none of them connects to, starts or loads anything; the options' own (the
     # model's rules) before the trial configuration and Optuna are imported (~1 s of a refusal's time
     # on 2 busy cores).
+    argv = args.argv  # what a worker per GPU runs again
     args = RunSettings.from_namespace(args)  # the flags as the typed options they were made from
+    from search import fanout
+    fan_out = args.gpus is not None and fanout.WORKER_GPU_ENV not in os.environ
+    gpus = fanout.choose(args.gpus, fanout.present_gpus()) if fan_out else []
     slos = parse_slos(args.slo)
     from search import config as cfg
     from search import space as space_mod
@@ -410,6 +421,9 @@ def cmd_run(args) -> int:
     args.home.mkdir(parents=True, exist_ok=True)
     if database is not None:
         check_storage(storage_url)
+    if fan_out:
+        from search.study import study_dir
+        return run_workers(args, argv, fanout.gpu_slots(gpus, study_dir(args.home, args.study) / "workers"), storage_url)
 
     from search import energy, study as study_mod
     study_mod.quiet_optuna()
@@ -515,6 +529,31 @@ def cmd_run(args) -> int:
                       f"{tracker.spool_dir} for the next run", file=sys.stderr)
     print(json.dumps({"study": args.study, "counts": counts}, indent=2))
     return 0
+
+
+def run_workers(args: RunSettings, argv: list[str], slots: list, storage_url: str) -> int:
+    """This command once per slot (`--gpus`: a GPU each), all on one study; then the study's counts."""
+    from search import fanout, study as study_mod
+    import sqlalchemy
+    if _sqlite_file(storage_url) is None and sqlalchemy.engine.make_url(storage_url).get_backend_name() == "sqlite":
+        raise ValueError("--gpus: the workers share the study through its storage; an in-memory one cannot be shared")
+    # What the workers share is made here, once: workers that start together would each make the
+    # study's database (SQLite's schema stamp is not safe to race), its MLflow experiment and parent run.
+    study_mod.quiet_optuna()
+    study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
+    from search.track import Tracker
+    workdir = study_mod.study_dir(args.home, args.study)
+    tracker = Tracker(args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{args.home / 'mlflow.db'}",
+                      args.study, args.home / "mlartifacts", workdir / "mlflow-spool")
+    try:
+        tracker.parent_run_id()
+    except Exception as exc:  # MLflow away: the workers spool their records and send them later
+        print(f"warning: MLflow not reached before the workers start: {exc}", file=sys.stderr)
+    tracker.spool_dir.rmdir()  # this process sends nothing
+    code = fanout.run_workers([sys.executable, "-m", "search", *argv], slots)
+    counts = study_mod.summary(study_mod.load_study(args.study, storage_url))["counts"]
+    print(json.dumps({"study": args.study, "workers": [slot.label for slot in slots], "counts": counts}, indent=2))
+    return code
 
 
 def cmd_status(args) -> int:
@@ -637,6 +676,7 @@ def cmd_make_twin(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # The terminal shows the product's own lines: not Optuna's notes on its experimental options.
     warnings.filterwarnings("ignore", message=r".*(is experimental|an experimental feature)")
     handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,

@@ -121,6 +121,12 @@ class RunSettings(StudySettings):
         None, description="on a machine without a GPU, the GPU whose roofline at TDP the trials are compared with, "
                           "e.g. 'NVIDIA L4' (search/gpus.yaml); default: none, no ratio",
         json_schema_extra=_flag("NVML_NAME"))
+    gpus: Optional[str] = Field(
+        None, description="one worker process per GPU, each bound to its GPU (its server, its compression, its "
+                          "NVML meter), all on this study: 'all' or GPU numbers as nvidia-smi shows them, e.g. "
+                          "0,1; --trials counts the finished trials of them all (default: one worker, this "
+                          "process, on what CUDA_VISIBLE_DEVICES shows)",
+        json_schema_extra=_flag("all|0,1,..."))
     trust_remote_code: bool = Field(False, description="allow checkpoints to run their own code (off by default)")
     stop_after_flat: int = Field(
         15, description="stop the study once N finished trials in a row (whatever their state) have not lowered "

@@ -133,3 +133,35 @@ def test_killed_fanout_leaves_no_worker(tmp_path):
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(descendants, timeout=30)
     assert alive == []
+
+
+@pytest.mark.e2e
+def test_cpu_workers_fan_out_on_one_study(tmp_path, serve_python, main_python, capsys):
+    """`--gpus`'s path with two CPU workers (the estimate meter) instead of a GPU each: the study and
+    its MLflow experiment made once, exactly --trials finished trials between the workers."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from search import cli, summaries
+    from search.options import RunSettings
+
+    home = tmp_path / "home"
+    argv = ["worker", "--study", "fan", "--space", str(PROJECT / "tests" / "data" / "workers_space.yaml"),
+            "--home", str(home), "--trials", "4", "--no-early-stop", "--serve-python", serve_python,
+            "--compress-python", main_python]
+    settings = RunSettings(study="fan", home=home, trials=4)
+    slots = [fanout.Slot(f"CPU worker {i}", {}, tmp_path / f"worker{i}.log") for i in range(2)]
+    storage = f"sqlite:///{home / 'optuna.db'}"
+    home.mkdir()
+    assert cli.run_workers(settings, argv, slots, storage) == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+    assert '"counts"' in capsys.readouterr().out
+    study = optuna.load_study(study_name="fan", storage=storage)
+    assert summaries.finished(study) == 4
+    finished = [t for t in study.get_trials() if t.state.is_finished()]
+    assert {t.user_attrs["energy_source"] for t in finished if "energy_source" in t.user_attrs} == {"estimate"}
+    assert len({t.user_attrs["worker"] for t in finished if "worker" in t.user_attrs}) == 2  # both worked
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fan")
+    parents = client.search_runs([experiment.experiment_id], "tags.`search.study_parent` = 'true'")
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["fan"]
+    assert len(parents) == 1

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine, from the repository root, once per `run` call (see bench/gpu/README.md).
 #
-#   bash bench/gpu/stage_and_run.sh stage [--no-drive | DRIVE_ARGS...]
+#   bash bench/gpu/stage_and_run.sh stage [--no-drive]
 #       Copies the carried part (.whl/parts/pNN) into /tmp/stage. With p00 (early.tar: the
-#       compression stack) it installs /tmp/site-llmc and starts the benchmark in the background
-#       (setsid: it outlives this call, not the machine), which builds the twin and compresses while
-#       the other parts arrive. Once every part is there it joins rest.tar with cat, checks it, and
-#       installs /tmp/site-vllm (vLLM 0.26.0, its extras, bitsandbytes, the project's plugin for
-#       structurally pruned checkpoints); the benchmark waits for that.
+#       compression stack) it installs /tmp/site-llmc. Once every part is there it joins rest.tar with
+#       cat, checks it, and installs /tmp/site-vllm (vLLM 0.26.0, its extras, bitsandbytes, the
+#       project's plugin for structurally pruned checkpoints). (--no-drive: accepted, as before.)
+#   bash bench/gpu/stage_and_run.sh twin
+#       After p00: the full-size twin's build (`search make-twin`) in the background.
 #   bash bench/gpu/stage_and_run.sh product [TRIALS [search run options]]
 #       After every part is staged: `python -m search run` itself on the twin (GPU space, fidelity
 #       quality), the orchestrator from /tmp/site-orch + /tmp/site-vllm, each environment through a wrapper script.
-#       On a machine of several GPUs, `run` on GPU 0 and a `search worker` on each other GPU, one study.
+#       On a machine of several GPUs, `search run --gpus all`: one worker per GPU, one study.
 #   bash bench/gpu/stage_and_run.sh l4study [TRIALS]
 #       `product` with issue 25's study options (L4_STUDY below), resuming the study that .study/ carries.
 #   bash bench/gpu/stage_and_run.sh client TRIAL [client_replay.py options]
@@ -29,29 +29,8 @@ CODE=/tmp/bench-code
 mkdir -p "$S" "$OUTDIR"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
-collect_start() {  # startbench: 8 files, the server logs whole (their DEBUG lines time the phases)
-  for f in results.jsonl env.json driver.log product.log; do [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"; done
-  [ -f "$OUTDIR/twin-build.log" ] && cp "$OUTDIR/twin-build.log" "$OUT/"
-  # The product's server logs (baseline and trials) join the start cases' in one archive.
-  for f in /tmp/product/studies/*/*/server.log; do
-    [ -f "$f" ] && mkdir -p "$OUTDIR/server-logs/product" && cp "$f" "$OUTDIR/server-logs/product/$(basename "$(dirname "$f")").log"
-  done
-  [ -d "$OUTDIR/server-logs" ] && tar -czf "$OUT/server-logs.tgz" -C "$OUTDIR" server-logs
-  if [ -f /tmp/product/optuna.db ]; then
-    (cd "$CODE" && PYTHONPATH=/tmp/site-orch:/tmp/site-vllm:$CODE python3 -m search status --home /tmp/product \
-      > "$OUT/product-status.txt" 2>&1)
-    # The stores and every trial's server log and metrics (no checkpoints, data or images).
-    tar -czf "$OUT/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
-      --exclude="*.safetensors" -C /tmp product 2>/dev/null
-    if [ "$(stat -c %s "$OUT/product-study.tgz")" -gt 15000000 ]; then
-      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db
-    fi
-  fi
-}
-
 collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a product run 5)
   [ -n "${OUT:-}" ] || return 0
-  [ -f "$S/startbench" ] && { collect_start; return 0; }
   for f in results.md results.jsonl env.json driver.log compress.log product.log; do
     [ -f "$OUTDIR/$f" ] && cp "$OUTDIR/$f" "$OUT/"
   done
@@ -143,18 +122,7 @@ stage() {
     PYTHONPATH=/tmp/site-llmc python3 -c "import llmcompressor, compressed_tensors, datasets; print('llmcompressor', llmcompressor.__version__, 'compressed-tensors', compressed_tensors.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -3
     touch "$S/llmc.ok"
   fi
-  local drive=1
-  [ "${1:-}" = "--no-drive" ] && { drive=0; shift; }
-  if [ "$drive" = 1 ] && [ -f "$S/llmc.ok" ] && ! driver_running && [ ! -f "$OUTDIR/DONE" ]; then
-    # Run from a copy: later calls re-sync the working tree under a running benchmark.
-    rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
-    ROOT=/tmp/bench
-    mkdir -p "$ROOT"
-    setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="$CODE" python3 "$CODE/bench/gpu/bench_seeds.py" drive \
-      --root "$ROOT" --out "$OUTDIR" --wait-for "$S/vllm.ok" "$@" > "$OUTDIR/driver.log" 2>&1 < /dev/null &
-    echo $! > "$S/driver.pid"
-    echo "benchmark started (pid $(cat "$S/driver.pid")), args: $*"
-  fi
+  [ "${1:-}" = "--no-drive" ] && shift  # the seed driver is gone (bench/gpu/README.md: the seed benchmark)
   if [ -f "$S/MANIFEST" ] && [ ! -f "$S/vllm.ok" ]; then
     . "$S/MANIFEST"
     have=$(ls "$S"/rest.tar.[0-9][0-9][0-9] 2>/dev/null | wc -l)
@@ -230,22 +198,19 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
   # A random-weight twin answers nothing right: quality is fidelity to its bf16 self, output length fixed
   # and the request-level length knobs pinned (on a twin they only cut tokens); a later --set wins.
   # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
-  # One process per GPU, each bound to its GPU (its NVML meter reads that GPU only): `run` on GPU 0,
-  # `worker` on the others, all on the one SQLite study (they count and ask under its lock file).
-  local gpus; gpus=$(nvidia-smi -L | wc -l)
+  # One GPU: `search run` bound to it. Several: `search run --gpus all`, the product's own fan-out (a
+  # worker per GPU, each bound to its GPU, its NVML meter reading that GPU only; their logs in
+  # /tmp/product/studies/STUDY/workers/), all on the one SQLite study.
+  local gpus fan=(); gpus=$(nvidia-smi -L | wc -l)
+  [ "$gpus" -gt 1 ] && fan=(--gpus all)
   cd "$CODE" || return 1
-  local i verb log
-  for ((i = 0; i < gpus; i++)); do
-    verb=worker; log="$OUTDIR/product-gpu$i.log"
-    [ "$i" = 0 ] && { verb=run; log="$OUTDIR/product.log"; }
-    setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
-      CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$i" \
-      python3 -m search "$verb" --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
-      --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
-      --set workload.quality=fidelity --set workload.ignore_eos=true --set workload.max_tokens=256 \
-      --set workload.verbosity=model --set workload.thinking=false "$@" > "$log" 2>&1 < /dev/null &
-    [ "$i" = 0 ] && echo $! > "$S/driver.pid"
-  done
+  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" VLLM_USE_FLASHINFER_SAMPLER=0 \
+    CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" \
+    python3 -m search run "${fan[@]}" --trials "$trials" --model /tmp/bench/base --space spaces/gemma4-e4b-gpu.yaml \
+    --home /tmp/product --serve-python /tmp/py-serve --compress-python /tmp/py-compress \
+    --set workload.quality=fidelity --set workload.ignore_eos=true --set workload.max_tokens=256 \
+    --set workload.verbosity=model --set workload.thinking=false "$@" > "$OUTDIR/product.log" 2>&1 < /dev/null &
+  echo $! > "$S/driver.pid"
   cd "$OLDPWD" || return 1
   echo "product run started on $gpus GPU(s) (run pid $(cat "$S/driver.pid")): --trials $trials $*; follow it with: wait SECONDS"
 }
@@ -269,29 +234,13 @@ l4study() {  # TRIALS: resume (or begin) issue 25's study, restoring what .study
 twin() {  # the twin's build in the background (compression env), while the other parts arrive
   [ -f "$S/llmc.ok" ] || { echo "stage p00 first"; return 1; }
   [ -f /tmp/bench/base/BUILD_OK ] && { echo "twin already built"; return 0; }
-  local code=/tmp/twin-code  # its own copy: startbench replaces $CODE
+  local code=/tmp/twin-code  # its own copy: product replaces $CODE
   rm -rf "$code" && mkdir -p "$code/bench" && cp -r search objectives spaces "$code/" && cp -r bench/gpu "$code/bench/"
   cd "$code" || return 1  # python -m puts the current folder first: the copy's, not the working tree's
   setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-llmc:$code" python3 -m search make-twin \
     --out /tmp/bench/base > "$OUTDIR/twin-build.log" 2>&1 < /dev/null &
   echo "twin build started (pid $!)"
   cd "$OLDPWD" || return 1
-}
-
-startbench() {  # [server_start.py drive options]: issue 20's server-start breakdown (bench/gpu/server_start.py)
-  [ -f "$S/vllm.ok" ] || { echo "stage every part first (no $S/vllm.ok)"; return 1; }
-  rm -rf "$CODE" && mkdir -p "$CODE/bench" && cp -r search objectives spaces "$CODE/" && cp -r bench/gpu "$CODE/bench/"
-  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-vllm:%s exec python3 "$@"\n' "$CODE" > /tmp/py-serve
-  printf '#!/bin/sh\nPYTHONPATH=/tmp/site-llmc:%s exec python3 "$@"\n' "$CODE" > /tmp/py-compress
-  chmod +x /tmp/py-serve /tmp/py-compress
-  touch "$S/startbench"
-  # Not in a ( subshell ): there setsid would fork, and the pid file would name a process that is gone.
-  cd "$CODE" || return 1
-  setsid nohup env PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site-orch:/tmp/site-vllm:$CODE" \
-    python3 "$CODE/bench/gpu/server_start.py" drive "$@" > "$OUTDIR/driver.log" 2>&1 < /dev/null &
-  echo $! > "$S/driver.pid"
-  cd "$OLDPWD" || return 1
-  echo "startbench started (pid $(cat "$S/driver.pid")): $*; follow it with: wait SECONDS"
 }
 
 client() {  # TRIAL [client_replay.py options]: vLLM's own client on a finished trial (issue 25 item 1)
@@ -324,8 +273,7 @@ case "$cmd" in
   product) product "$@" ;;
   l4study) l4study "$@" ;;
   twin) twin "$@" ;;
-  startbench) startbench "$@" ;;
   client) client "$@" ;;
   wait) wait_for "$@" ;;
-  *) echo "usage: $0 stage [drive args] | product [TRIALS [run options]] | wait SECONDS"; exit 2 ;;
+  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study [TRIALS] | client TRIAL | wait SECONDS"; exit 2 ;;
 esac
