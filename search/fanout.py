@@ -41,18 +41,19 @@ class Slot:
 def present_gpus() -> list[str]:
     """The GPUs this process may use, as nvidia-smi numbers them: those CUDA_VISIBLE_DEVICES names
     (when set), else every GPU NVML finds; [] on a machine without an NVIDIA driver."""
-    named = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if named is not None:
-        return [gpu.strip() for gpu in named.split(",") if gpu.strip() and gpu.strip() != "-1"]
     try:
         import pynvml
         pynvml.nvmlInit()
-    except Exception:  # no driver, no library: no GPU here
+    except Exception:  # no driver, no library: no GPU here, whatever CUDA_VISIBLE_DEVICES says
         return []
     try:
-        return [str(index) for index in range(pynvml.nvmlDeviceGetCount())]
+        count = pynvml.nvmlDeviceGetCount()
     finally:
         pynvml.nvmlShutdown()
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is None:
+        return [str(index) for index in range(count)]
+    return [gpu.strip() for gpu in named.split(",") if gpu.strip() and gpu.strip() != "-1"]
 
 
 def choose(spec: str, present: list[str]) -> list[str]:

@@ -37,9 +37,20 @@ def test_choose_refuses_a_machine_without_gpus():
 
 
 def test_present_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([50.0] * 4, [True] * 4))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert fanout.present_gpus() == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert fanout.present_gpus() == []
+
+
+def test_no_driver_no_gpus_whatever_cuda_visible_devices_says(monkeypatch):
+    def no_driver():
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+    fake = _fake_pynvml([], [])
+    fake.nvmlInit = no_driver
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert fanout.present_gpus() == []
 
 
