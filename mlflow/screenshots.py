@@ -130,7 +130,7 @@ def expectations(home: Path, study_name: str) -> dict:
     feasible = [r.info.run_name for n, r in trials.items() if r.data.tags.get("verdict") == "PASS"
                 and (best is None or n != best.number)]
     return {"experiment_id": experiment.experiment_id, "parent_run_id": parent.info.run_id,
-            "parent_name": parent.info.run_name, "study_id": study._study_id,
+            "parent_name": parent.info.run_name, "study_id": optuna.storages.RDBStorage(f"sqlite:///{home / 'optuna.db'}").get_study_id_from_name(study_name),
             "best_trial": None if best is None else best.number,
             "best_name": None if best is None else trials[best.number].info.run_name,
             "other_feasible_names": feasible, "break_even": parent.data.tags.get("break_even", ""),

@@ -51,9 +51,10 @@ def set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
         for name, value in ordered.items():
             trial.set_constraint(name, value)
         return
-    listed = list(ordered.values())
-    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS, listed)
-    trial._cached_frozen_trial.system_attrs[CONSTRAINTS] = listed
+    storage = trial.storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(trial.study.study_name), trial.number)
+    storage.set_trial_system_attr(trial_id, CONSTRAINTS, list(ordered.values()))
 
 
 def constraints_of(trial: FrozenTrial) -> dict[str, float]:

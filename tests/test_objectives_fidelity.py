@@ -99,7 +99,7 @@ def test_argmax_ties_do_not_depend_on_dict_order():
 def test_a_trial_compares_each_distinct_prompt_once(monkeypatch):
     """More requests than task items repeat prompts; the baseline keeps positions for the first of
     each only, and the trial teacher-forces those alone."""
-    from search import trial, workload
+    from search import trial as trial_stages, workload
     from search.config import WorkloadConfig
 
     calls = []
@@ -113,7 +113,7 @@ def test_a_trial_compares_each_distinct_prompt_once(monkeypatch):
     items = [{"id": "t/1", "task": "t", "answer": "x", "positions": BASELINE, "completion_tokens": 1},
              {"id": "t/1", "task": "t", "answer": "y", "positions": None, "completion_tokens": 1}]
     server = SimpleNamespace(base_url="http://unused", served_name="m")
-    rows = trial._fidelity(server, items, {"t/1": prompt}, WorkloadConfig(max_tokens=8))
+    rows = trial_stages._fidelity(server, items, {"t/1": prompt}, WorkloadConfig(max_tokens=8))
     assert calls == ["t/1"] and rows == [("t", 1.0, pytest.approx(0.0, abs=1e-12))]
 
 
@@ -122,7 +122,7 @@ def test_the_baseline_teacher_forces_only_the_first_fidelity_items_distinct_prom
     costs a forward pass in the baseline and in every trial."""
     import contextlib
 
-    from search import trial, workload
+    from search import trial as trial_stages, workload
     from search.config import build
 
     prompts = [workload.Prompt(f"t/{i}", "t", f"q{i}", None, ("a",), "exact_match") for i in range(6)]
@@ -137,9 +137,9 @@ def test_the_baseline_teacher_forces_only_the_first_fidelity_items_distinct_prom
                               pool=SimpleNamespace(get=lambda *a: (server, False)), base_model=tmp_path,
                               workdir=tmp_path, energy_source="estimate", platform=None,
                               prompts=lambda settings: prompts)
-    monkeypatch.setattr(trial, "engine_args", lambda runtime, config: {})
+    monkeypatch.setattr(trial_stages, "engine_args", lambda runtime, config: {})
     with contextlib.ExitStack() as cleanup:
-        baseline = trial._make_baseline(runtime, "k", tmp_path / "baseline.json", lambda name: None, cleanup)
+        baseline = trial_stages._make_baseline(runtime, "k", tmp_path / "baseline.json", lambda name: None, cleanup)
     assert forced == ["t/0", "t/1", "t/2", "t/3"]
     assert [item["positions"] is not None for item in baseline.items] == [True] * 4 + [False] * 2
 

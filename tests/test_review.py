@@ -180,7 +180,8 @@ def test_optuna_dashboard_reads_each_trials_feasibility(small_study):
         assert status[0].startswith("200"), status
         return json.loads(body)
 
-    detail = get(f"/api/studies/{study._study_id}")
+    study_id = optuna.storages.RDBStorage(f"sqlite:///{home / 'optuna.db'}").get_study_id_from_name(study.study_name)
+    detail = get(f"/api/studies/{study_id}")
     assert detail["objective_names"] == ["energy per request [J]"]
     constraints = {t["number"]: t["constraints"] for t in detail["trials"]}
     feasible = {n: all(v <= 0 for v in c) for n, c in constraints.items() if c}
