@@ -16,7 +16,7 @@ are the scored tokens. Where the reference's answer has no label (the reference 
 bare label is forced, as lm-evaluation-harness would.
 
 The verdict (``screen_verdict``) reads recovery as the gate does (objectives/recovery.py), with the
-threshold lowered by a margin calibrated against the served gate (bench/pre_serve_screen.py), so
+threshold lowered by a margin calibrated against the served gate (bench/results/pre-serve-screen-2026-12-06.json; its script is retired, bench/README.md), so
 that the screen prunes no trial the served gate would pass.
 """
 

@@ -13,7 +13,7 @@ is still in the compression worker's memory, before any checkpoint is saved or s
   (the baseline's, made by vLLM), exactly as the served fidelity score (objectives/fidelity.py).
 
 The verdict lowers the gate by a margin calibrated against the served gate on real weights
-(bench/pre_serve_screen.py, bench/results/pre-serve-screen-2026-12-06.json), so that it prunes
+(bench/results/pre-serve-screen-2026-12-06.json; its script is retired, bench/README.md), so that it prunes
 no configuration the served gate passes. The served screen in the trial is kept only where this one
 could not judge (no compression ran, a cached checkpoint, a skipped screen) or judged close to the
 gate.
@@ -376,9 +376,7 @@ def judge(spec: Mapping[str, Any], trial: Sequence[Mapping], reference: Sequence
     verdict = loglikelihood.screen_verdict(gate, per_task, spec["margin"])
     result.update({"prune": verdict.prune, "mean": verdict.mean, "reason": verdict.reason,
                    "threshold": gate.threshold, "margin": spec["margin"],
-                   "per_task": {t: (None if e is None else e.point) for t, e in per_task.items()},
-                   # Item by item (task, score, log-likelihood or KL), for calibration (bench/pre_serve_screen.py).
-                   "rows": [[r["task"], r.get("greedy", r.get("top1")), r.get("loglik", r.get("kl"))] for r in trial]})
+                   "per_task": {t: (None if e is None else e.point) for t, e in per_task.items()}})
     return result
 
 
@@ -390,11 +388,6 @@ def run(model, tokenizer, spec: Mapping[str, Any], reference: Sequence[Mapping] 
     result = judge(spec, trial, reference)
     result["seconds"] = time.perf_counter() - started
     result["items"] = len(trial)
-    # Calibration only (bench/pre_serve_screen.py): the same weights under other prompt settings,
-    # scored but not judged on; one compression serves the trials that differ in request settings.
-    if spec.get("also"):
-        result["also"] = [judge({**spec, "trial": other}, score(model, tokenizer, {**spec, "trial": other}, "trial"),
-                                reference) for other in spec["also"]]
     if result["prune"]:
         raise PrunedBeforeServing(result["reason"], result)
     return result

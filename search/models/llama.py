@@ -55,7 +55,7 @@ class Llama(ModelFamily):
     model_types = ("llama",)
     modules = MODULES
     takes_images = False
-    screen_unsupported = None  # calibrated on SmolLM2-135M (bench/pre_serve_screen.py)
+    screen_unsupported = None  # calibrated on SmolLM2-135M (bench/results/pre-serve-screen-2026-12-06.json; its script is retired, bench/README.md)
 
     def decoder_layers(self, config: dict) -> list[DecoderLayer]:
         tc = text_config(config)
