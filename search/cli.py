@@ -550,7 +550,16 @@ def run_workers(args: RunSettings, argv: list[str], slots: list, storage_url: st
     except Exception as exc:  # MLflow away: the workers spool their records and send them later
         print(f"warning: MLflow not reached before the workers start: {exc}", file=sys.stderr)
     tracker.spool_dir.rmdir()  # this process sends nothing
-    code = fanout.run_workers([sys.executable, "-m", "search", *argv], slots)
+    from search.summaries import best_feasible, counts, finished
+
+    def progress() -> str:  # the workers' live lines are in their logs: this is the study's
+        study = study_mod.load_study(args.study, storage_url)
+        best = best_feasible(study)
+        return (f"{finished(study)} of {args.trials} trials finished ("
+                + ", ".join(f"{state} {n}" for state, n in counts(study).items() if n) + ")"
+                + ("" if best is None else f" | best feasible {best.values[0]:.4g} J/request (trial {best.number})"))
+
+    code = fanout.run_workers([sys.executable, "-m", "search", *argv], slots, watch=progress)
     counts = study_mod.summary(study_mod.load_study(args.study, storage_url))["counts"]
     print(json.dumps({"study": args.study, "workers": [slot.label for slot in slots], "counts": counts}, indent=2))
     return code

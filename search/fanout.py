@@ -26,6 +26,7 @@ from search import interrupts, lifeline
 
 WORKER_GPU_ENV = "SEARCH_WORKER_GPU"  # set in a worker the fan-out started: it runs, it does not fan out
 POLL_S = 1.0
+WATCH_S = 15.0  # how often the study's counts are read for the progress line
 STOP_GRACE_S = 300.0  # a worker's clean-up (its trial recorded, its servers stopped) before it is killed
 
 
@@ -79,14 +80,16 @@ def gpu_slots(gpus: list[str], log_dir: Path) -> list[Slot]:
                  log_dir / f"worker-gpu{gpu}.log") for gpu in gpus]
 
 
-def run_workers(argv: list[str], slots: list[Slot], report=None) -> int:
+def run_workers(argv: list[str], slots: list[Slot], report=None, watch=None) -> int:
     """Start `argv` once per slot and wait for them all; 0 when every worker ended well, else the
     first failure's code (128 + the signal's number when a stop signal ended the run).
-    `report(text)` receives the fan-out's own lines (default: standard error)."""
+    `report(text)` receives the fan-out's own lines (default: standard error); `watch()`, asked
+    every WATCH_S seconds, says how the work stands (its line is reported when it changes)."""
     report = report or (lambda text: print(text, file=sys.stderr, flush=True))
     interrupts.handle_stop_signals()
     workers: dict[str, subprocess.Popen] = {}
     codes: dict[str, int] = {}
+    said, next_watch = None, time.monotonic() + WATCH_S
     try:
         for slot in slots:
             slot.log.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,12 @@ def run_workers(argv: list[str], slots: list[Slot], report=None) -> int:
                 if code != 0:
                     report(f"{slot.label}: worker ended with code {code}: {_last_line(slot.log)} (its running trial is "
                            "failed after three missed heartbeats and run again by another worker)")
+            if watch is not None and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + WATCH_S
+                line = watch()
+                if line != said:
+                    report(line)
+                    said = line
             time.sleep(POLL_S)
     except KeyboardInterrupt as exc:  # a stop signal: every worker records its trial and stops
         report(f"{interrupts.signal_name(exc)}: stopping {len(workers) - len(codes)} worker(s)")

@@ -99,6 +99,17 @@ def test_every_worker_runs_bound_and_the_first_failure_is_the_code(tmp_path):
     assert "B: worker ended with code 3: bound to B" in err
 
 
+def test_the_watch_line_is_reported_when_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(fanout, "WATCH_S", 0.0)
+    answers = iter(["1 of 2 finished"] * 3 + ["2 of 2 finished"] * 100)
+    lines = []
+    code = fanout.run_workers([sys.executable, "-c", "import time; time.sleep(3)"],
+                              [fanout.Slot("A", {}, tmp_path / "A.log")], report=lines.append,
+                              watch=lambda: next(answers))
+    assert code == 0
+    assert lines[1:] == ["1 of 2 finished", "2 of 2 finished"]
+
+
 def test_all_workers_well_is_zero(tmp_path):
     proc = _supervise(tmp_path, "print('done')")
     proc.communicate(timeout=120)
@@ -165,7 +176,8 @@ def test_cpu_workers_fan_out_on_one_study(tmp_path, serve_python, main_python, c
     storage = f"sqlite:///{home / 'optuna.db'}"
     home.mkdir()
     assert cli.run_workers(settings, argv, slots, storage) == 0, (tmp_path / "worker0.log").read_text()[-3000:]
-    assert '"counts"' in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert '"counts"' in out and "of 4 trials finished" in err
     study = optuna.load_study(study_name="fan", storage=storage)
     assert summaries.finished(study) == 4
     finished = [t for t in study.get_trials() if t.state.is_finished()]
