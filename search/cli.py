@@ -21,7 +21,6 @@ from search.options import (DEFAULT_SPACE, DEFAULT_STUDY, GEMMA3, PROJECT, REAL,
 
 DEFAULT_HOME = default_home()
 DEFAULT_PRESETS = PROJECT / "spaces" / "presets" / "seeds.yaml"
-_venv_python = venv_python
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="compress.* options")
     comp.add_argument("--out", type=Path, required=True, help="where the checkpoint is copied")
     comp.add_argument("--home", type=Path, default=DEFAULT_HOME, help="cache location (default: ./.search)")
-    comp.add_argument("--compress-python", default=os.environ.get("SEARCH_COMPRESS_PYTHON") or _venv_python("main"))
-    comp.add_argument("--serve-python", default=os.environ.get("SEARCH_SERVE_PYTHON") or _venv_python("serve"))
+    comp.add_argument("--compress-python", default=os.environ.get("SEARCH_COMPRESS_PYTHON") or venv_python("main"))
+    comp.add_argument("--serve-python", default=os.environ.get("SEARCH_SERVE_PYTHON") or venv_python("serve"))
 
     toy = sub.add_parser("make-toy", help="write the embedded toy Gemma 4 checkpoint")
     toy.add_argument("out", type=Path)
@@ -415,6 +414,8 @@ def cmd_run(args) -> int:
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_uri:
         check_mlflow_uri(mlflow_uri, "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI")
+    # MLflow's own variable is honoured, as its users expect; else a local store beside the study.
+    mlflow_uri = mlflow_uri or f"sqlite:///{args.home.resolve() / 'mlflow.db'}"
     check_home(args, writing=True)
     if database is None:  # a database server: reached before the home is made (a refusal leaves none)
         check_storage(storage_url)
@@ -423,7 +424,8 @@ def cmd_run(args) -> int:
         check_storage(storage_url)
     if fan_out:
         from search.study import study_dir
-        return run_workers(args, argv, fanout.gpu_slots(gpus, study_dir(args.home, args.study) / "workers"), storage_url)
+        return run_workers(args, argv, fanout.gpu_slots(gpus, study_dir(args.home, args.study) / "workers"),
+                           storage_url, mlflow_uri)
 
     from search import energy, study as study_mod
     study_mod.quiet_optuna()
@@ -473,8 +475,6 @@ def cmd_run(args) -> int:
     runtime = trial_mod.Runtime(workdir, model, cache, pool, compressor, platform, gate,
                                 space.reference_config(), home / "data", target_gpu=args.target_gpu, slos=slos,
                                 energy_source=definition["energy_source"])
-    # MLflow's own variable is honoured, as its users expect; else a local store beside the study.
-    mlflow_uri = mlflow_uri or f"sqlite:///{home / 'mlflow.db'}"
     tracker = Tracker(mlflow_uri, args.study, home / "mlartifacts", workdir / "mlflow-spool")
     progress = Progress()
     status = "FAILED"  # what the study's MLflow run says if this run ends by an error
@@ -531,7 +531,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def run_workers(args: RunSettings, argv: list[str], slots: list, storage_url: str) -> int:
+def run_workers(args: RunSettings, argv: list[str], slots: list, storage_url: str, mlflow_uri: str) -> int:
     """This command once per slot (`--gpus`: a GPU each), all on one study; then the study's counts."""
     from search import fanout, study as study_mod
     import sqlalchemy
@@ -543,8 +543,7 @@ def run_workers(args: RunSettings, argv: list[str], slots: list, storage_url: st
     study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
     from search.track import Tracker
     workdir = study_mod.study_dir(args.home, args.study)
-    tracker = Tracker(args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{args.home / 'mlflow.db'}",
-                      args.study, args.home / "mlartifacts", workdir / "mlflow-spool")
+    tracker = Tracker(mlflow_uri, args.study, args.home / "mlartifacts", workdir / "mlflow-spool")
     try:
         tracker.parent_run_id()
     except Exception as exc:  # MLflow away: the workers spool their records and send them later
@@ -560,8 +559,8 @@ def run_workers(args: RunSettings, argv: list[str], slots: list, storage_url: st
                 + ("" if best is None else f" | best feasible {best.values[0]:.4g} J/request (trial {best.number})"))
 
     code = fanout.run_workers([sys.executable, "-m", "search", *argv], slots, watch=progress)
-    counts = study_mod.summary(study_mod.load_study(args.study, storage_url))["counts"]
-    print(json.dumps({"study": args.study, "workers": [slot.label for slot in slots], "counts": counts}, indent=2))
+    print(json.dumps({"study": args.study, "workers": [slot.label for slot in slots],
+                      "counts": counts(study_mod.load_study(args.study, storage_url))}, indent=2))
     return code
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search import interrupts, lifeline
+from search.energy.nvml import Nvml, visible_gpu_ids
 
 WORKER_GPU_ENV = "SEARCH_WORKER_GPU"  # set in a worker the fan-out started: it runs, it does not fan out
 POLL_S = 1.0
@@ -41,20 +42,17 @@ class Slot:
 
 def present_gpus() -> list[str]:
     """The GPUs this process may use, as nvidia-smi numbers them: those CUDA_VISIBLE_DEVICES names
-    (when set), else every GPU NVML finds; [] on a machine without an NVIDIA driver."""
+    (when set; as CUDA reads it), else every GPU NVML finds; [] on a machine without an NVIDIA driver."""
     try:
-        import pynvml
-        pynvml.nvmlInit()
+        nvml = Nvml()
     except Exception:  # no driver, no library: no GPU here, whatever CUDA_VISIBLE_DEVICES says
         return []
     try:
-        count = pynvml.nvmlDeviceGetCount()
+        count = nvml.count()
     finally:
-        pynvml.nvmlShutdown()
-    named = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if named is None:
-        return [str(index) for index in range(count)]
-    return [gpu.strip() for gpu in named.split(",") if gpu.strip() and gpu.strip() != "-1"]
+        nvml.close()
+    named = visible_gpu_ids()
+    return [str(index) for index in range(count)] if named is None else [str(gpu) for gpu in named]
 
 
 def choose(spec: str, present: list[str]) -> list[str]:

@@ -175,7 +175,7 @@ def test_cpu_workers_fan_out_on_one_study(tmp_path, serve_python, main_python, c
     slots = [fanout.Slot(f"CPU worker {i}", {}, tmp_path / f"worker{i}.log") for i in range(2)]
     storage = f"sqlite:///{home / 'optuna.db'}"
     home.mkdir()
-    assert cli.run_workers(settings, argv, slots, storage) == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+    assert cli.run_workers(settings, argv, slots, storage, f"sqlite:///{home / 'mlflow.db'}") == 0, (tmp_path / "worker0.log").read_text()[-3000:]
     out, err = capsys.readouterr()
     assert '"counts"' in out and "of 4 trials finished" in err
     study = optuna.load_study(study_name="fan", storage=storage)
