@@ -42,6 +42,7 @@ from search.summaries import (RECOVERY_GATE, RUNS_HERE, best_feasible, constrain
                               set_constraints, study_bill)
 from search.track import Tracker, TrackingFailed
 from search.errors import SearchError
+from search.retries import after_pauses
 
 OBJECTIVE = "energy_j_per_request"
 # The objectives as Optuna (and optuna-dashboard) names them, with their units.
@@ -89,13 +90,7 @@ def _connection_lost(exc: BaseException | None) -> bool:
     return False
 
 
-def _patiently(retry: tenacity.retry_base) -> tenacity.Retrying:
-    """Up to len(DB_RETRY_S) more tries, DB_RETRY_S apart; the last failure is raised as it was."""
-    return tenacity.Retrying(retry=retry, wait=tenacity.wait_chain(*map(tenacity.wait_fixed, DB_RETRY_S)),
-                             stop=tenacity.stop_after_attempt(len(DB_RETRY_S) + 1), reraise=True)
-
-
-_ON_LOST_CONNECTION = _patiently(tenacity.retry_if_exception(
+_ON_LOST_CONNECTION = after_pauses(DB_RETRY_S, tenacity.retry_if_exception(
     lambda exc: isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError))
     and _connection_lost(exc)))
 
@@ -103,7 +98,7 @@ _ON_LOST_CONNECTION = _patiently(tenacity.retry_if_exception(
 def _connect_patiently(dialect, connection_record, cargs, cparams):
     """SQLAlchemy's `do_connect` hook: a new connection (a pre-ping replacing a dead one too) waits
     for a database that is away, as the retried calls do."""
-    return _patiently(tenacity.retry_if_exception_type(dialect.loaded_dbapi.OperationalError))(
+    return after_pauses(DB_RETRY_S, tenacity.retry_if_exception_type(dialect.loaded_dbapi.OperationalError))(
         dialect.connect, *cargs, **cparams)
 
 

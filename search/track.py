@@ -24,6 +24,7 @@ import tenacity
 from search.redaction import redact
 from search.review import KEY_METRICS
 from search.errors import SearchError
+from search.retries import after_pauses
 
 _PARENT_TAG = "search.study_parent"
 # A tracking server that is away must cost a trial seconds, not MLflow's default minutes of retries.
@@ -112,9 +113,7 @@ class Tracker:
             return path
 
         try:
-            return tenacity.Retrying(retry=tenacity.retry_if_exception_type(OSError),
-                                     wait=tenacity.wait_chain(*map(tenacity.wait_fixed, SPOOL_RETRY_S)),
-                                     stop=tenacity.stop_after_attempt(len(SPOOL_RETRY_S) + 1), reraise=True)(write)
+            return after_pauses(SPOOL_RETRY_S, tenacity.retry_if_exception_type(OSError))(write)
         except OSError as exc:
             raise TrackingFailed(f"MLflow record not written to {self.spool_dir}: "
                                  f"{type(exc).__name__}: {exc}") from None
