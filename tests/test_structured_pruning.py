@@ -21,9 +21,9 @@ from search.compress.structured import (
     channels_to_keep,
     flap_prune,
     fluctuation_scores,
-    load_pretrained,
     shrink_mlp,
 )
+from search.models.gemma4_pruned import load_pretrained
 from search.floor import linear_flops_per_token, weight_bytes
 from search.space import Infeasible
 

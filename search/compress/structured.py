@@ -19,12 +19,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-# Loading a pruned checkpoint is the Gemma 4 family's (search/models/gemma4_pruned.py); re-exported
-# here for the callers that prune and load.
-from search.models.gemma4_pruned import WIDTHS_FIELD, load_pretrained, narrow_linears, per_layer_ffn_widths
-
-__all__ = ["WIDTHS_FIELD", "ChannelMoments", "channels_to_keep", "ffn_moments", "flap_prune", "fluctuation_scores",
-           "load_pretrained", "per_layer_ffn_widths", "shrink_mlp"]
+# The checkpoint's layout (the widths field, narrowed linears) is the Gemma 4 family's, which loads it.
+from search.models.gemma4_pruned import WIDTHS_FIELD, narrow_linears
 
 
 class ChannelMoments:
