@@ -223,7 +223,7 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
 # --no-early-stop: issue 25 asks for >= 30 measured trials, whatever the stop rule would say.
 # The card kind names the study: an H100's joules and an H200's are not one study's (the product
 # refuses a study resumed on another card); each kind's study grows on the sessions that get that kind.
-card_kind() { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H100\|H200\|[A-Z][0-9]*' | head -1 | tr 'A-Z' 'a-z'; }
+card_kind() { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE 'H100|H200|A100|L40S|L4' | head -1 | tr 'A-Z' 'a-z'; }
 L4_STUDY=(--study "l4-twin-v2-$(card_kind)" --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
           --set serve.attention_backend=TRITON_ATTN --set workload.fidelity_items=16 --no-early-stop)
 
