@@ -1,7 +1,8 @@
 """A live view of the study on the terminal: current trial and stage, elapsed time, counts, best so far.
 
 On a terminal rich redraws the line in place (a `Live` display) and the trials' own lines print above
-it; elsewhere (a log file, a pipe) each stage and each trial is a line of its own.
+it; elsewhere (a log file, a pipe) each stage and each trial is a line of its own, written as the stage
+begins, so each line says what the stage before it took (a log is read afterwards, for the times).
 """
 
 from __future__ import annotations
@@ -31,16 +32,21 @@ class Progress:
         self.stage_started = self.trial_started_at = time.monotonic()
         self._view: Live | None = None
 
-    def _line(self) -> str:
+    def _line(self, stage_time: str | None = None) -> str:
+        """The state; `stage_time` replaces the running stage's clock (a log line, written as it begins)."""
         now = time.monotonic()
         best = f"{self.best:.4g} J/request" if self.best is not None else "none yet"
         c = self.counts
+        clock = f"{now - self.stage_started:5.1f}s" if stage_time is None else stage_time
+        stage = f"{self.stage_name} {clock}".rstrip()
         if self.trial is None:  # before the study: the reference run
-            return f"{self.stage_name} {now - self.stage_started:5.1f}s"
-        return (f"[{self.done}/{self.total}] trial {self.trial} {self.stage_name} "
-                f"{now - self.stage_started:5.1f}s (trial {now - self.trial_started_at:5.1f}s) | "
+            return stage
+        return (f"[{self.done}/{self.total}] trial {self.trial} {stage} (trial {now - self.trial_started_at:5.1f}s) | "
                 f"complete {c['complete']} pruned {c['pruned']} failed {c['failed']} "
                 f"infeasible {c['infeasible']} | best feasible {best}")
+
+    def _stage_took(self) -> str:
+        return f"{self.stage_name} took {time.monotonic() - self.stage_started:.1f}s" if self.stage_name else ""
 
     def _print(self, text: str) -> None:
         if self._view is not None:  # above the live line, which rich draws again below it
@@ -66,16 +72,20 @@ class Progress:
             self._view.start()
 
     def trial_started(self, number: int, preset: str | None) -> None:
+        if self.trial is None and self.stage_name and not self.live:  # the reference run's last stage
+            self._print(self._stage_took())
         self.trial = number
         self.trial_started_at = time.monotonic()
+        self.stage_name = ""
         if preset:
             self._print(f"trial {number}: preset {preset}")
 
     def stage(self, name: str) -> None:
+        took = self._stage_took()
         self.stage_name = name
         self.stage_started = time.monotonic()
         if not self.live:
-            self._print(self._line())
+            self._print(self._line(f"({took})" if took else ""))
 
     def trial_finished(self, state: str, objective: float | None, reason: str = "") -> None:
         self.counts[state] = self.counts.get(state, 0) + 1
@@ -83,7 +93,9 @@ class Progress:
         if objective is not None and (self.best is None or objective < self.best):
             self.best = objective
         note = f" ({reason if len(reason) <= 240 else reason[:239] + '…'})" if reason else ""
-        self._print(f"trial {self.trial} {state} in {time.monotonic() - self.trial_started_at:.1f}s{note}")
+        last = f", {self._stage_took()}" if self._stage_took() and not self.live else ""
+        self._print(f"trial {self.trial} {state} in {time.monotonic() - self.trial_started_at:.1f}s{last}{note}")
+        self.stage_name = ""
 
     def close(self) -> None:
         if self._view is not None:

@@ -22,8 +22,10 @@ def study(monkeypatch):
 
 def run_one_trial(progress, study):
     progress.study_started(study, 5)
+    progress.stage("baseline: serve")
     progress.trial_started(1, "ref")
     progress.stage("serve [x]")
+    progress.stage("warmup")
     progress.trial_finished("complete", 1.5)
     progress.close()
 
@@ -34,11 +36,15 @@ def test_not_a_terminal_gets_one_line_per_stage_and_trial(study):
     assert not progress.live
     run_one_trial(progress, study)
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "trial 1: preset ref"
-    assert lines[1].startswith("[1/5] trial 1 serve [x] ") and lines[1].endswith(
+    # Each line is written as its stage begins, so it says what the stage before it took.
+    assert lines[0] == "baseline: serve"
+    assert lines[1].startswith("baseline: serve took ") and lines[1].endswith("s")
+    assert lines[2] == "trial 1: preset ref"
+    assert lines[3].startswith("[1/5] trial 1 serve [x] (trial ") and lines[3].endswith(
         "| complete 1 pruned 0 failed 0 infeasible 0 | best feasible none yet")
-    assert lines[2].startswith("trial 1 complete in ")
-    assert len(lines) == 3
+    assert lines[4].startswith("[1/5] trial 1 warmup (serve [x] took ")
+    assert lines[5].startswith("trial 1 complete in ") and ", warmup took " in lines[5]
+    assert len(lines) == 6
 
 
 def test_a_terminal_gets_the_live_line_and_the_trials_above_it(study):
