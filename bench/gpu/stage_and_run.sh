@@ -12,8 +12,9 @@
 #       After every part is staged: `python -m search run` itself on the twin (GPU space, fidelity
 #       quality), the orchestrator from /tmp/site-orch + /tmp/site-vllm, each environment through a wrapper script.
 #       On a machine of several GPUs, `search run --gpus all`: one worker per GPU, one study.
-#   bash bench/gpu/stage_and_run.sh l4study [TRIALS]
-#       `product` with issue 25's study options (L4_STUDY below), resuming the study that .study/ carries.
+#   bash bench/gpu/stage_and_run.sh l4study [TRIALS [RESULTS_DIR]]
+#       `product` with issue 25's study options (L4_STUDY below), resuming the study whose stores a
+#       committed bench/results folder holds, with the compile cache earlier `stage` calls took from .study/.
 #   bash bench/gpu/stage_and_run.sh client TRIAL [client_replay.py options]
 #       After every part is staged, on the study `product`/`l4study` ran (or .study/ carries):
 #       bench/client_replay.py, vLLM's own client (`vllm bench serve`) on that trial's vllm_config.yaml,
@@ -123,6 +124,11 @@ stage() {
     touch "$S/llmc.ok"
   fi
   [ "${1:-}" = "--no-drive" ] && shift  # the seed driver is gone (bench/gpu/README.md: the seed benchmark)
+  # Pieces of a carried study (.study/, git-ignored) may come over several calls: keep each.
+  if ls .study/* > /dev/null 2>&1; then
+    mkdir -p "$S/carried" && for f in .study/*; do [ -f "$S/carried/$(basename "$f")" ] || cp "$f" "$S/carried/"; done
+    echo "study pieces here: $(ls "$S/carried" | tr '\n' ' ')"
+  fi
   if [ -f "$S/MANIFEST" ] && [ ! -f "$S/vllm.ok" ]; then
     . "$S/MANIFEST"
     have=$(ls "$S"/rest.tar.[0-9][0-9][0-9] 2>/dev/null | wc -l)
@@ -171,14 +177,14 @@ wait_for() {
   collect
 }
 
-restore_study() {  # a study carried from an earlier machine (.study/, git-ignored): its stores, baseline, compile cache
+restore_study() {  # a study carried from an earlier machine ($S/carried/): its stores, baseline, compile cache
   [ -f /tmp/product/optuna.db ] && return 0
-  [ -f .study/product-study.tgz ] || return 0
-  mkdir -p /tmp/product/cache && tar -xzf .study/product-study.tgz -C /tmp product || return 1
+  [ -f "$S/carried/product-study.tgz" ] || return 0
+  mkdir -p /tmp/product/cache && tar -xzf "$S/carried/product-study.tgz" -C /tmp product || return 1
   # Pieces of at most 15 MB (what $OUT brings back a file), joined again: product/studies/*/baseline-*.json
   # and vLLM's compile cache.
-  ls .study/baseline.tgz* > /dev/null 2>&1 && cat .study/baseline.tgz* | tar -xzf - -C /tmp
-  ls .study/compile-cache.tgz* > /dev/null 2>&1 && cat .study/compile-cache.tgz* | tar -xzf - -C /tmp/product/cache
+  ls "$S"/carried/baseline.tgz* > /dev/null 2>&1 && cat "$S"/carried/baseline.tgz* | tar -xzf - -C /tmp
+  ls "$S"/carried/compile-cache.tgz* > /dev/null 2>&1 && cat "$S"/carried/compile-cache.tgz* | tar -xzf - -C /tmp/product/cache
   echo "restored the carried study: $(du -sh /tmp/product | cut -f1) ($(ls /tmp/product/studies/*/ | grep -c baseline-) baseline files)"
 }
 
@@ -227,7 +233,11 @@ card_kind() { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | he
 L4_STUDY=(--study "l4-twin-v2-$(card_kind)" --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
           --set serve.attention_backend=TRITON_ATTN --set workload.fidelity_items=16 --no-early-stop)
 
-l4study() {  # TRIALS: resume (or begin) issue 25's study, restoring what .study/ carries
+l4study() {  # TRIALS [RESULTS_DIR]: resume (or begin) issue 25's study from the stores a committed results
+  # folder holds (they travel with the tree) and the compile cache .study/ carried; no folder: begin it
+  if [ -n "${2:-}" ]; then
+    mkdir -p "$S/carried" && cp "$2"/product-study.tgz "$2"/baseline.tgz* "$S/carried/" || return 1
+  fi
   product "${1:-30}" "${L4_STUDY[@]}"
 }
 
@@ -275,5 +285,5 @@ case "$cmd" in
   twin) twin "$@" ;;
   client) client "$@" ;;
   wait) wait_for "$@" ;;
-  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study [TRIALS] | client TRIAL | wait SECONDS"; exit 2 ;;
+  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study [TRIALS [RESULTS_DIR]] | client TRIAL | wait SECONDS"; exit 2 ;;
 esac
