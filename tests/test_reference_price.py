@@ -1,6 +1,6 @@
 """The reference is priced as a trial is: a trial of the very same configuration, served again,
-reproduces its price within the spread of their repeated windows (the CPU's estimate meter here;
-bench/results/ holds the NVML evidence)."""
+reproduces its price within the spread of their repeated windows (the CPU's estimate meter here; on
+NVML it is a trial of issue 25's GPU study, bench/gpu/reference-again.yaml, not yet run there)."""
 
 from pathlib import Path
 

@@ -15,6 +15,8 @@
 #   bash bench/gpu/stage_and_run.sh l4study [TRIALS [RESULTS_DIR]]
 #       `product` with issue 25's study options (L4_STUDY below), resuming the study whose stores a
 #       committed bench/results folder holds, with the compile cache earlier `stage` calls took from .study/.
+#   bash bench/gpu/stage_and_run.sh l4again [TRIALS [RESULTS_DIR]]
+#       l4study, with the reference enqueued once more and measured again (reference-again.yaml).
 #   bash bench/gpu/stage_and_run.sh client TRIAL [client_replay.py options]
 #       After every part is staged, on the study `product`/`l4study` ran (or .study/ carries):
 #       bench/client_replay.py, vLLM's own client (`vllm bench serve`) on that trial's vllm_config.yaml,
@@ -241,6 +243,12 @@ l4study() {  # TRIALS [RESULTS_DIR]: resume (or begin) issue 25's study from the
   product "${1:-30}" "${L4_STUDY[@]}"
 }
 
+l4again() {  # TRIALS [RESULTS_DIR]: l4study resumed once with the reference enqueued again and served again
+  # (reference-again.yaml): the NVML evidence that a trial identical to the reference reproduces its price
+  L4_STUDY+=(--warm-start bench/gpu/reference-again.yaml --repeat-measured)  # argparse: the later --warm-start wins
+  l4study "$@"
+}
+
 twin() {  # the twin's build in the background (compression env), while the other parts arrive
   [ -f "$S/llmc.ok" ] || { echo "stage p00 first"; return 1; }
   [ -f /tmp/bench/base/BUILD_OK ] && { echo "twin already built"; return 0; }
@@ -282,8 +290,9 @@ case "$cmd" in
   stage) stage "$@" ;;
   product) product "$@" ;;
   l4study) l4study "$@" ;;
+  l4again) l4again "$@" ;;
   twin) twin "$@" ;;
   client) client "$@" ;;
   wait) wait_for "$@" ;;
-  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study [TRIALS [RESULTS_DIR]] | client TRIAL | wait SECONDS"; exit 2 ;;
+  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study|l4again [TRIALS [RESULTS_DIR]] | client TRIAL | wait SECONDS"; exit 2 ;;
 esac
