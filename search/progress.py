@@ -93,9 +93,9 @@ class Progress:
         if objective is not None and (self.best is None or objective < self.best):
             self.best = objective
         note = f" ({reason if len(reason) <= 240 else reason[:239] + '…'})" if reason else ""
-        last = f", {self._stage_took()}" if self._stage_took() and not self.live else ""
+        took = "" if self.live else self._stage_took()
+        last = f", {took}" if took else ""
         self._print(f"trial {self.trial} {state} in {time.monotonic() - self.trial_started_at:.1f}s{last}{note}")
-        self.stage_name = ""
 
     def close(self) -> None:
         if self._view is not None:
