@@ -130,7 +130,7 @@ def default_device() -> str:
 
 def build(out: str | Path, device: str | None = None, toy: bool = False) -> dict:
     """Write the twin into `out` (weights in 4 GB shards, tokenizer, processor, the KV-shared layers'
-    completion vLLM loads) and return its build record (also `out/build_stats.json`). A folder that
+    completion vLLM loads) and return its build record with its timings (`out/build_stats.json` holds it without them). A folder that
     already holds a complete twin is kept as it is."""
     out = Path(out)
     if (out / DONE).exists():
@@ -164,10 +164,11 @@ def build(out: str | Path, device: str | None = None, toy: bool = False) -> dict
     added = complete_kv_shared(out)
     t4 = time.perf_counter()
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    stats = {**counts, "logits_finite": finite, "tokenizer_s": t1 - t0, "build_s": t2 - t1,
-             "forward_s": t3 - t2, "save_s": t4 - t3, "size_bytes": size, "device": device,
-             "kv_shared_tensors_added": len(added), "torch": torch.__version__,
-             "transformers": transformers.__version__, "toy": toy}
-    (out / STATS).write_text(json.dumps(stats, indent=2))
+    # What the folder is, without the build's timings: the study's model fingerprint hashes every file,
+    # and a rebuild on the next machine must fingerprint the same for its study to resume.
+    record = {**counts, "logits_finite": finite, "size_bytes": size, "device": device,
+              "kv_shared_tensors_added": len(added), "torch": torch.__version__,
+              "transformers": transformers.__version__, "toy": toy}
+    (out / STATS).write_text(json.dumps(record, indent=2))
     (out / DONE).write_text("ok\n")
-    return stats
+    return {**record, "tokenizer_s": t1 - t0, "build_s": t2 - t1, "forward_s": t3 - t2, "save_s": t4 - t3}

@@ -74,6 +74,7 @@ def test_the_fix_gives_transformers_5_17_configs_their_global_head_dim(tmp_path,
 def test_make_twin_writes_a_checkpoint_the_family_loader_takes(tmp_path, serve_python):
     # The serving env builds it here only because .venvs/main lacks torchvision (Gemma 4's processor);
     # on a GPU machine the compression env does.
+    from search.compress.stage import model_fingerprint
     from search.models import family_of
     from search.twin import TOY_TEXT
 
@@ -94,6 +95,10 @@ def test_make_twin_writes_a_checkpoint_the_family_loader_takes(tmp_path, serve_p
     # A complete twin is kept, not rebuilt.
     again = subprocess.run(cmd, cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[0]) == stats
+    # A rebuild elsewhere (the next machine of a study) fingerprints the same: its study resumes.
+    rebuild = tmp_path / "rebuild"
+    subprocess.run(cmd[:5] + [str(rebuild)] + cmd[6:], cwd=PROJECT, capture_output=True, check=True, timeout=300)
+    assert model_fingerprint(rebuild, tmp_path / "memo") == model_fingerprint(out, tmp_path / "memo")
 
 
 def test_make_twin_refuses_a_device_it_does_not_know():
