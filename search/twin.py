@@ -130,8 +130,8 @@ def default_device() -> str:
 
 def build(out: str | Path, device: str | None = None, toy: bool = False) -> dict:
     """Write the twin into `out` (weights in 4 GB shards, tokenizer, processor, the KV-shared layers'
-    completion vLLM loads) and return its build record with its timings (`out/build_stats.json` holds it without them). A folder that
-    already holds a complete twin is kept as it is."""
+    completion vLLM loads) and return its build record with its timings (`out/build_stats.json` holds
+    the record without them). A folder that already holds a complete twin is kept as it is."""
     out = Path(out)
     if (out / DONE).exists():
         return json.loads((out / STATS).read_text())

@@ -179,21 +179,16 @@ wait_for() {
   collect
 }
 
-restore_study() {  # a study carried from an earlier machine ($S/carried/): its stores, baseline, compile cache
+restore_study() {  # what earlier machines carried ($S/carried/): vLLM's compile cache, a study's stores and baseline
   [ -f /tmp/product/optuna.db ] && return 0
-  if [ ! -f "$S/carried/product-study.tgz" ]; then
-    # A new study on the same architecture still hits an earlier study's compiles (a ~70 s bf16 start,
-    # not ~149 s cold, H100 2026-12-07).
-    ls "$S"/carried/compile-cache.tgz* > /dev/null 2>&1 || return 0
-    mkdir -p /tmp/product/cache && cat "$S"/carried/compile-cache.tgz* | tar -xzf - -C /tmp/product/cache \
-      && echo "restored a carried compile cache: $(du -sh /tmp/product/cache | cut -f1)"
-    return
-  fi
-  mkdir -p /tmp/product/cache && tar -xzf "$S/carried/product-study.tgz" -C /tmp product || return 1
-  # Pieces of at most 15 MB (what $OUT brings back a file), joined again: product/studies/*/baseline-*.json
-  # and vLLM's compile cache.
+  # Pieces of at most 15 MB (what $OUT brings back a file), joined again. A new study on the same
+  # architecture hits an earlier study's compiles too (a ~70 s bf16 start, not ~149 s cold; H100, 2026-12-07).
+  mkdir -p /tmp/product/cache
+  ls "$S"/carried/compile-cache.tgz* > /dev/null 2>&1 && cat "$S"/carried/compile-cache.tgz* | tar -xzf - -C /tmp/product/cache \
+    && echo "restored a carried compile cache: $(du -sh /tmp/product/cache | cut -f1)"
+  [ -f "$S/carried/product-study.tgz" ] || return 0
+  tar -xzf "$S/carried/product-study.tgz" -C /tmp product || return 1
   ls "$S"/carried/baseline.tgz* > /dev/null 2>&1 && cat "$S"/carried/baseline.tgz* | tar -xzf - -C /tmp
-  ls "$S"/carried/compile-cache.tgz* > /dev/null 2>&1 && cat "$S"/carried/compile-cache.tgz* | tar -xzf - -C /tmp/product/cache
   echo "restored the carried study: $(du -sh /tmp/product | cut -f1) ($(ls /tmp/product/studies/*/ | grep -c baseline-) baseline files)"
 }
 
