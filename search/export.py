@@ -157,7 +157,8 @@ def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Pa
 
 def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None,
            home: Path | None = None) -> list[dict[str, Any]]:
-    """The Pareto front, or the measured trials `numbers` in that order, as CSV/JSON and deployables.
+    """The Pareto front, or the measured trials `numbers` in that order, as CSV/JSON and deployables;
+    beside them trials.csv, every trial of the study (trial_table).
 
     `home`: the study's folder as it is now (search/home.py); a trial's files are looked for there
     first. A trial whose files are missing fails the export, naming where it looked, before anything
@@ -229,14 +230,39 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None,
                    "answer to max_tokens; leave them out to answer as a client would)"
                    if settings.get("skip_special_tokens") is False else "")
                 + f":\n\n    {_request_command(settings)}\n") if settings is not None else ""))
-    columns = sorted({k for row in rows for k in row}, key=lambda k: (k.count("."), k))
-    with open(out_dir / "pareto.csv", "w", newline="") as handle:
+    _write_csv(out_dir / "pareto.csv", rows, sorted({k for row in rows for k in row}, key=lambda k: (k.count("."), k)))
+    (out_dir / "pareto.json").write_text(json.dumps(rows, indent=2, default=str))
+    table = trial_table(study)
+    stages = list(dict.fromkeys(k for row in table for k in row if k.startswith("time_")))  # pipeline order
+    _write_csv(out_dir / "trials.csv", table, [*_TABLE_HEAD, *stages, "trial_s", "reason"])
+    return rows
+
+
+_TABLE_HEAD = ("trial", "state", "origin", "energy_j_per_request", "feasible", "recovery_mean")
+
+
+def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial of the study, one row each: where it came from, its price, the seconds each stage
+    took and, for one that did not finish, why (the study's table at a glance, failures included)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        metrics = t.user_attrs.get("metrics", {})
+        ended, began = t.datetime_complete, t.datetime_start
+        took = (ended - began).total_seconds() if ended and began else None
+        head = (t.number, t.state.name, t.user_attrs.get("preset") or "sampled", t.values[0] if t.values else None,
+                t.user_attrs.get("feasible"), metrics.get("recovery_mean"))
+        rows.append({**dict(zip(_TABLE_HEAD, head)),
+                     **{k: v for k, v in metrics.items() if k.startswith("time_")},
+                     "trial_s": took, "reason": t.user_attrs.get("reason", "")})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
-    (out_dir / "pareto.json").write_text(json.dumps(rows, indent=2, default=str))
-    return rows
 
 
 def _request_command(settings: dict[str, Any]) -> str:

@@ -78,7 +78,8 @@ class RunSettings(StudySettings):
     trials: int = Field(50, description="the most finished trials the study holds (default: 50); it stops sooner "
                                         "when more trials are unlikely to beat its best feasible one "
                                         "(--stop-after-flat)")
-    timeout: Optional[float] = Field(None, description="stop starting trials after this many seconds")
+    timeout: Optional[float] = Field(None, description="start no trial after this many seconds, nor one that would "
+                                     "end after them at the study's median trial length")
     space: Path = Field(DEFAULT_SPACE, description="space YAML (default: spaces/default.yaml)")
     model: Optional[str] = Field(
         None, description=f"'toy' (the embedded toy Gemma 4), '{REAL}' or '{GEMMA3}' (real trained text models), "

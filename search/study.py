@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -408,9 +409,10 @@ def run(study: optuna.Study, space: space_mod.Space, runtime: trial_mod.Runtime,
     study.set_user_attr("job", runtime.reference.workload.describe_job())
     progress.study_started(study, options.trials)
     stopped = optimize_until(study, objective, options)
-    if stopped:  # one line, as a trial's; the bill and `search status` say it too
-        print(("\r\033[K" if progress.live else "") + f"stopped early: {stopped} (--no-early-stop goes on to "
-              f"--trials {options.trials})", file=progress.stream, flush=True)
+    if stopped:  # one line, as a trial's; the stop rule's the bill and `search status` say too
+        hint = "" if stopped.startswith(TIMEOUT_STOP) else f" (--no-early-stop goes on to --trials {options.trials})"
+        print(("\r\033[K" if progress.live else "") + f"stopped early: {stopped}{hint}", file=progress.stream,
+              flush=True)
     try:
         tracker.log_bill(*bill.mlflow_fields(study_bill(study)))
         # The answer where MLflow opens: the best feasible trial, its saving, the trials by energy.
@@ -439,15 +441,21 @@ def queue_first_trials(study: optuna.Study, space: space_mod.Space, options: Run
         retry_interrupted(study)
 
 
+TIMEOUT_STOP = "--timeout"
+
+
 def optimize_until(study: optuna.Study, objective, options: RunOptions) -> str | None:
     """Run trials until the study holds `options.trials` finished ones, counted over all its
-    workers, or until `options.timeout_s`, or until `options.stop_rule` says more trials are unlikely
+    workers, or until `options.timeout_s` (no trial starts that would, at the study's median trial
+    length, end after it), or until `options.stop_rule` says more trials are unlikely
     to beat the best feasible one (returns its reason, also kept in the study's user attributes).
     Workers count and ask under one lock, and count the trials running elsewhere too, so that
     exactly that many finish; a worker with no free slot waits on the others' last trials (one may
     fail and need running again), and so does a worker the stop rule would stop (one may gain)."""
     deadline = None if options.timeout_s is None else time.monotonic() + options.timeout_s
     while deadline is None or time.monotonic() < deadline:
+        if deadline is not None and (late := _would_end_late(study, deadline - time.monotonic())):
+            return late
         stopped = None
         with interrupts.deferred(), ask_lock(options.storage_url, study.study_name) as release:
             slot = _free_slot(study, options.trials)
@@ -464,6 +472,23 @@ def optimize_until(study: optuna.Study, objective, options: RunOptions) -> str |
         if not slot:
             time.sleep(options.poll_s)
     return None
+
+
+def typical_trial_s(study: optuna.Study) -> float | None:
+    """The median wall time of the study's trials that ran to an end (complete or pruned); None before any."""
+    took = [(t.datetime_complete - t.datetime_start).total_seconds()
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.datetime_start and t.datetime_complete]
+    return statistics.median(took) if took else None
+
+
+def _would_end_late(study: optuna.Study, left_s: float) -> str | None:
+    """Why the next trial is not started before --timeout: a trial of this study's median length would
+    end after it, cut and paid for nothing (on a rented or lent machine, the end of its time)."""
+    typical = typical_trial_s(study)
+    if typical is None or typical <= left_s:
+        return None
+    return f"{TIMEOUT_STOP}: {left_s:.0f} s left, and this study's median trial takes {typical:.0f} s"
 
 
 def _stop_rule_slot(study: optuna.Study, rule: stopping.StopRule, slot: bool) -> tuple[bool | None, str | None]:

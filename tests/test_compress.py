@@ -1,8 +1,10 @@
 """Recipes (pure) and real llmcompressor runs on the toy Gemma 4 through the project's cache."""
 
+import fcntl
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -15,6 +17,8 @@ from search import config as cfg
 from search import feasibility
 from search.space import Infeasible
 from search.compress import CheckpointCache, CompressionFailed, Compressor, compress
+from search.compress import cache as cache_module
+from search.compress.cache import DiskFull
 from search.compress.recipe import build_recipe, needs_calibration, pipeline_for
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -235,6 +239,58 @@ def test_cache_lru_eviction_and_no_partial_entries(tmp_path):
     cache.get_or_create("a", writer("a"))  # a is now the most recently used
     cache.get_or_create("c", writer("c"))
     assert {p.name for p in (tmp_path / "c" / "entries").iterdir()} == {"a", "c"}
+
+
+def _disk_of(capacity, cache):
+    """A disk of `capacity` bytes that holds the cache's entries, 1000 bytes each, and nothing else."""
+    def disk_usage(path):
+        used = 1000 * len(cache.entries())
+        return shutil._ntuple_diskusage(capacity, used, capacity - used)
+    return disk_usage
+
+
+def _filled(cache, keys, size=1000):
+    for key in keys:
+        def create(out):
+            out.mkdir(parents=True)
+            (out / "w").write_bytes(b"x" * size)
+            return {"size_bytes": size, "compress_seconds": 0.0}
+        cache.get_or_create(key, create)
+
+
+def test_a_full_disk_evicts_the_least_recently_used_until_the_next_checkpoint_fits(tmp_path, monkeypatch):
+    """On the GPU machine's 64 GB disk, six compressed twins filled it and the seventh trial failed
+    writing its checkpoint (2026-12-07): the cache now makes room before compressing."""
+    cache = CheckpointCache(tmp_path / "c")
+    _filled(cache, ["a", "b", "c"])
+    _filled(cache, ["a"])  # a is now the most recently used
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", _disk_of(3500, cache))
+    assert cache.free_disk(1000) == ["b"]  # 500 free, b evicted: 1500
+    assert cache.free_disk(1000) == []  # room already
+    with pytest.raises(DiskFull, match="no idle entry left to evict"):
+        cache.free_disk(3000, keep={"a"})  # c goes, a is kept: 2500 free is still short
+    assert [entry.name for _, _, entry in cache.entries()] == ["a"]
+
+
+def test_making_room_skips_an_entry_another_process_holds(tmp_path, monkeypatch):
+    cache = CheckpointCache(tmp_path / "c")
+    _filled(cache, ["busy", "idle"])
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", _disk_of(2000, cache))
+    with open(cache.root / "locks" / "busy.lock", "w") as held:  # another worker serving or reading it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert cache.free_disk(1000) == ["idle"]
+    assert cache.path("busy").exists()
+
+
+def test_compression_refused_before_it_starts_when_the_disk_cannot_hold_it(toy_model, tmp_path, compressor,
+                                                                           monkeypatch):
+    cache = CheckpointCache(tmp_path / "cache")
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6, 0))
+    stopped_server = []
+    with pytest.raises(DiskFull, match="GiB free on the disk under"):
+        compress(cfg.build({"compress.scheme": "fp8_dynamic"}).compress, toy_model, cache, compressor, "test",
+                 tmp_path / "full.log", make_room=lambda: stopped_server.append(True))
+    assert stopped_server == [] and not (tmp_path / "full.log").exists() and cache.entries() == []
 
 
 # --- every scheme family, compressed and then loaded by the serving environment's vLLM ---------

@@ -1,3 +1,4 @@
+import datetime
 import re
 import subprocess
 import sys
@@ -374,3 +375,32 @@ def test_the_reference_trial_keeps_the_reference_settings_where_the_spaces_fixed
     study.optimize(objective, n_trials=1, catch=(Exception,))
     assert ran == [space.reference_config()]
     assert (ran[0].workload.verbosity, ran[0].compress.scheme) == ("model", "none")
+
+
+def _ran_for(seconds: float) -> optuna.trial.FrozenTrial:
+    began = datetime.datetime(2026, 12, 7, 9, 0, 0)
+    return optuna.trial.FrozenTrial(number=0, state=optuna.trial.TrialState.COMPLETE, value=1.0, values=None,
+                                    datetime_start=began, datetime_complete=began + datetime.timedelta(seconds=seconds),
+                                    params={}, distributions={}, user_attrs={}, system_attrs={},
+                                    intermediate_values={}, trial_id=0)
+
+
+def test_timeout_starts_no_trial_the_studys_median_trial_would_not_finish_before_it(tmp_path):
+    """On 2026-12-07 a trial started with a lent GPU's last minutes was cut and recorded interrupted:
+    its compression and server start paid for nothing."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    for seconds in (100, 300):
+        study.add_trial(_ran_for(seconds))
+    assert study_mod.typical_trial_s(study) == 200
+    ran = []
+
+    def objective(trial):
+        ran.append(trial.number)
+        return 1.0
+
+    stopped = study_mod.optimize_until(study, objective, study_mod.RunOptions(10, 150.0, "none", {}, storage_url=url))
+    assert ran == [] and re.fullmatch(r"--timeout: 1[45]\d s left, and this study's median trial takes 200 s", stopped)
+    # With time for one: the quick trial lowers the median and more start, up to --trials.
+    options = study_mod.RunOptions(4, 250.0, "none", {}, storage_url=url)
+    assert study_mod.optimize_until(study, objective, options) is None and ran == [2, 3]

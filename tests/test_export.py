@@ -1,3 +1,4 @@
+import csv
 import json
 import shutil
 import subprocess
@@ -48,6 +49,30 @@ def test_export_writes_front_and_deployables(tmp_path):
         assert "-m vllm.entrypoints.openai.api_server --model checkpoint" in (folder / "README.md").read_text()
     made = figures(study, tmp_path / "fig")
     assert made["pareto"].stat().st_size > 0 and made["history"].stat().st_size > 0
+
+
+def test_the_export_tables_every_trial_with_its_stages_and_the_reason_one_failed(tmp_path):
+    study = optuna.create_study()
+    workdir = tmp_path / "trial-0"
+    workdir.mkdir()
+    (workdir / "vllm_config.yaml").write_text("max-num-seqs: 4\n")
+    done = study.ask()
+    for key, value in {"workdir": str(workdir), "feasible": True, "energy_source": "nvml", "preset": "reference",
+                       "metrics": {"recovery_mean": 1.0, "time_compress_s": 0.0, "time_serve_s": 51.2,
+                                   "energy_j": 9.0}}.items():
+        done.set_user_attr(key, value)
+    study.tell(done, 24.78)
+    failed = study.ask()
+    failed.set_user_attr("reason", "CompressionFailed: No space left on device")
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    export(study, tmp_path / "out")
+    with open(tmp_path / "out" / "trials.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["trial", "state", "origin", "energy_j_per_request", "feasible", "recovery_mean",
+                             "time_compress_s", "time_serve_s", "trial_s", "reason"]
+    assert (rows[0]["origin"], rows[0]["energy_j_per_request"], rows[0]["time_serve_s"]) == ("reference", "24.78", "51.2")
+    assert (rows[1]["state"], rows[1]["origin"], rows[1]["energy_j_per_request"]) == ("FAIL", "sampled", "")
+    assert rows[1]["reason"] == "CompressionFailed: No space left on device"
 
 
 def test_an_export_under_a_memory_budget_pins_the_kv_cache_it_had_not_the_hosts_share(tmp_path):

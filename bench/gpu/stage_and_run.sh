@@ -15,6 +15,7 @@
 #   bash bench/gpu/stage_and_run.sh l4study [TRIALS [RESULTS_DIR]]
 #       `product` with issue 25's study options (L4_STUDY below), resuming the study whose stores a
 #       committed bench/results folder holds, with the compile cache earlier `stage` calls took from .study/.
+#       RUN_TIMEOUT=S before it: `--timeout S`, no trial started that would end after S seconds.
 #   bash bench/gpu/stage_and_run.sh l4again [TRIALS [RESULTS_DIR]]
 #       l4study, with the reference enqueued once more and measured again (reference-again.yaml).
 #   bash bench/gpu/stage_and_run.sh client TRIAL [client_replay.py options]
@@ -23,6 +24,10 @@
 #       NVML around it, in the background; `wait` follows it and brings back client-replay.json.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
 #       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
+#   bash bench/gpu/stage_and_run.sh stop
+#       SIGTERM to the run (its running trial is recorded as failed, retried next run), then as wait.
+#   bash bench/gpu/stage_and_run.sh cache GROUP
+#       After the run ended: vLLM's compile cache, 4 pieces of 15 MB a call (GROUP 0, 1, ...; 0 packs it).
 #
 # pip install --no-index --no-deps --target: nothing is resolved or fetched there.
 set -uo pipefail
@@ -83,20 +88,6 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
         done
       fi
     fi
-    # vLLM's compile cache (torch.compile and Triton), so that the next machine's starts hit it.
-    if [ -d /tmp/product/cache/vllm ]; then
-      tar -czf "$OUTDIR/compile-cache.tgz" -C /tmp/product/cache vllm
-      local size; size=$(stat -c %s "$OUTDIR/compile-cache.tgz")
-      echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $size bytes packed; its largest parts:"
-      du -sh /tmp/product/cache/vllm/* /tmp/product/cache/vllm/*/* 2>/dev/null | sort -h | tail -6 | sed 's/^/  /'
-      # all pieces or none: part of a tarball is no use (cat compile-cache.tgz.* to join them)
-      if fits $(( (size + 14999999) / 15000000 )) "$size"; then
-        split -b 15000000 -d -a 2 "$OUTDIR/compile-cache.tgz" "$OUT/compile-cache.tgz."
-        local piece; for piece in "$OUT"/compile-cache.tgz.*; do echo "$(basename "$piece"): $(stat -c %s "$piece") bytes"; done
-      else
-        echo "compile cache not brought back: $size bytes, over what \$OUT takes"
-      fi
-    fi
   fi
   if [ -d "$OUTDIR/server-logs" ]; then
     for f in "$OUTDIR"/server-logs/*.log; do
@@ -104,6 +95,33 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
       echo "===== $(basename "$f") (first 150 and last 150 lines)"; head -150 "$f"; echo "....."; tail -150 "$f"
     done > "$OUT/server-logs.txt"
   fi
+}
+
+stop() {  # SIGTERM to the run: its running trial is recorded as failed and retried on the next run
+  # (by pid: `pkill -f "search run"` also matches the shell of the call that sends it, and kills that call)
+  driver_running || { echo "no run is going on"; collect; return 0; }
+  kill -TERM "$(cat "$S/driver.pid")"
+  local t0=$SECONDS; while driver_running && [ $((SECONDS - t0)) -lt 90 ]; do sleep 1; done
+  driver_running && echo "== still running $((SECONDS - t0)) s after SIGTERM" || echo "== run stopped in $((SECONDS - t0)) s"
+  tail -3 "$OUTDIR/product.log"
+  collect
+}
+
+bring_cache() {  # GROUP: vLLM's compile cache, packed once when GROUP is 0, then 4 pieces of 15 MB a call
+  # (a 7-trial study's cache packs to ~206 MB: more than $OUT takes in one call; the run's `wait` calls
+  # no longer pack it, which cost each of them ~20 s of device time). Join the pieces with cat.
+  local group=${1:-0} pieces="$OUTDIR/cache-pieces" piece
+  driver_running && { echo "a run is going on: stop it first (the cache must not change between groups)"; return 1; }
+  [ -d /tmp/product/cache/vllm ] || { echo "no compile cache under /tmp/product/cache/vllm"; return 1; }
+  if [ "$group" = 0 ] || [ ! -d "$pieces" ]; then
+    rm -rf "$pieces" && mkdir -p "$pieces"
+    tar -czf - -C /tmp/product/cache vllm | split -b 15000000 -d -a 2 - "$pieces/compile-cache.tgz."
+    echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $(cat "$pieces"/* | wc -c) bytes" \
+      "packed in $(ls "$pieces" | wc -l) pieces, sha256 $(cat "$pieces"/* | sha256sum | cut -d' ' -f1)"
+  fi
+  local all=("$pieces"/compile-cache.tgz.*) first=$((group * 4))
+  for piece in "${all[@]:first:4}"; do cp "$piece" "$OUT/"; echo "$(basename "$piece"): $(stat -c %s "$piece") bytes"; done
+  if [ $((first + 4)) -ge ${#all[@]} ]; then echo "== last group: every piece is back"; else echo "== next: cache $((group + 1))"; fi
 }
 
 driver_running() { [ -f "$S/driver.pid" ] && kill -0 "$(cat "$S/driver.pid")" 2>/dev/null; }
@@ -243,7 +261,8 @@ l4study() {  # TRIALS [RESULTS_DIR]: resume (or begin) issue 25's study from the
   if [ -n "${2:-}" ]; then
     mkdir -p "$S/carried" && cp "$2"/product-study.tgz "$2"/baseline.tgz* "$S/carried/" || return 1
   fi
-  product "${1:-30}" "${L4_STUDY[@]}"
+  # RUN_TIMEOUT=S: `search run --timeout S`, no trial started that would end after S (the lease's end)
+  product "${1:-30}" "${L4_STUDY[@]}" ${RUN_TIMEOUT:+--timeout "$RUN_TIMEOUT"}
 }
 
 l4again() {  # TRIALS [RESULTS_DIR]: l4study resumed once with the reference enqueued again and served again
@@ -297,5 +316,7 @@ case "$cmd" in
   twin) twin "$@" ;;
   client) client "$@" ;;
   wait) wait_for "$@" ;;
-  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study|l4again [TRIALS [RESULTS_DIR]] | client TRIAL | wait SECONDS"; exit 2 ;;
+  stop) stop ;;
+  cache) bring_cache "$@" ;;
+  *) echo "usage: $0 stage [--no-drive] | twin | product [TRIALS [run options]] | l4study|l4again [TRIALS [RESULTS_DIR]] | client TRIAL | wait SECONDS | stop | cache GROUP"; exit 2 ;;
 esac

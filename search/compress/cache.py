@@ -2,7 +2,9 @@
 
 One entry per key: a folder that appears only by an atomic rename once complete, so a reader never
 sees a half-written checkpoint. A per-key lock file makes a second worker asking for the same key
-wait for the first instead of compressing twice. A size cap evicts the least recently used entries.
+wait for the first instead of compressing twice. A size cap evicts the least recently used entries,
+and so does a disk too full for the next checkpoint: a long study on a machine's fixed disk keeps going
+(an evicted checkpoint is made again from its recipe if a later trial asks for it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from search.errors import SearchError
+
 _META = "cache_entry.json"
+
+
+class DiskFull(SearchError, OSError):
+    """The disk under the cache cannot hold the next checkpoint, even with every idle entry evicted."""
 
 
 def _touch(path: Path) -> None:
@@ -37,11 +45,16 @@ class CheckpointCache:
         return self.root / "entries" / key
 
     @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
+    def _lock(self, key: str, wait: bool = True) -> Iterator[bool]:
+        """Holds the key's lock; without `wait`, yields False at once where another process holds it."""
         with open(self.root / "locks" / f"{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -87,11 +100,33 @@ class CheckpointCache:
                 break
             if entry.name in keep:
                 continue
-            with self._lock(entry.name):
-                # Renamed away first, so no reader finds a folder being deleted.
-                doomed = self.root / "tmp" / f"evict-{entry.name}-{os.getpid()}"
-                os.replace(entry, doomed)
-                shutil.rmtree(doomed)
+            self._remove(entry)
             total -= size
             evicted.append(entry.name)
         return evicted
+
+    def free_disk(self, needed_bytes: int, keep: set[str] = frozenset()) -> list[str]:
+        """Evict least recently used entries until the disk under the cache has `needed_bytes` free;
+        returns the evicted keys. Entries another process holds are skipped, not waited for (the caller
+        holds a key's lock itself). Raises DiskFull when evicting every idle entry is not enough."""
+        evicted = []
+        for _, _, entry in self.entries():
+            if shutil.disk_usage(self.root).free >= needed_bytes:
+                break
+            if entry.name not in keep and self._remove(entry, wait=False):
+                evicted.append(entry.name)
+        free = shutil.disk_usage(self.root).free
+        if free < needed_bytes:
+            raise DiskFull(f"{free / 2**30:.1f} GiB free on the disk under {self.root}, a new checkpoint needs up "
+                           f"to {needed_bytes / 2**30:.1f} GiB and the cache has no idle entry left to evict")
+        return evicted
+
+    def _remove(self, entry: Path, wait: bool = True) -> bool:
+        with self._lock(entry.name, wait) as held:
+            if not held or not entry.exists():
+                return False
+            # Renamed away first, so no reader finds a folder being deleted.
+            doomed = self.root / "tmp" / f"evict-{entry.name}-{os.getpid()}"
+            os.replace(entry, doomed)
+            shutil.rmtree(doomed)
+            return True

@@ -142,6 +142,7 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
                 "calibration": flatten(config.calibration), "ffn_widths": ffn_widths, "screen": screen}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
+        cache.free_disk(_checkpoint_bound(base_model), keep={key})
         make_room()
         t0 = time.perf_counter()
         stats = compressor.run(spec_path, log_path, timeout_s)
@@ -155,6 +156,12 @@ def compress(config: CompressionConfig, base_model: Path, cache: CheckpointCache
         raise
     return CompressResult(checkpoint, recipe, key, hit, time.perf_counter() - started,
                           meta["compress_seconds"] if hit else 0.0, meta["size_bytes"], screened or None)
+
+
+def _checkpoint_bound(base_model: Path) -> int:
+    """The most disk a compressed copy of `base_model` takes: its weights (compression only shrinks
+    them) and a GiB for the rest (tokenizer, processor, recipe)."""
+    return sum(p.stat().st_size for p in base_model.glob("*.safetensors")) + 2**30
 
 
 def _last_error(log_path: Path) -> str:
