@@ -27,7 +27,8 @@
 #   bash bench/gpu/stage_and_run.sh stop
 #       SIGTERM to the run (its running trial is recorded as failed, retried next run), then as wait.
 #   bash bench/gpu/stage_and_run.sh cache GROUP
-#       After the run ended: vLLM's compile cache, 4 pieces of 15 MB a call (GROUP 0, 1, ...; 0 packs it).
+#       After the run ended: vLLM's compile cache, 4 pieces of 15 MB a call (GROUP 0, 1, ...; 0 packs it,
+#       its newest compiles up to CACHE_CAP_MIB on disk, default 1024).
 #
 # pip install --no-index --no-deps --target: nothing is resolved or fetched there.
 set -uo pipefail
@@ -114,10 +115,23 @@ bring_cache() {  # GROUP: vLLM's compile cache, packed once when GROUP is 0, the
   driver_running && { echo "a run is going on: stop it first (the cache must not change between groups)"; return 1; }
   [ -d /tmp/product/cache/vllm ] || { echo "no compile cache under /tmp/product/cache/vllm"; return 1; }
   if [ "$group" = 0 ] || [ ! -d "$pieces" ]; then
+    # vLLM keys a compile by quantization, KV dtype, max_num_seqs and max_num_batched_tokens, so a study
+    # piles up compiles that few later trials hit: the newest, up to CACHE_CAP_MIB on disk (default 1024,
+    # ~150 MB packed), and everything else (Triton's kernels, shared by all). The study needs none of it.
+    local members=() used=0 size stamp dir cap=$(( ${CACHE_CAP_MIB:-1024} * 1024 )) left=0
+    for dir in /tmp/product/cache/vllm/*; do
+      [ "$(basename "$dir")" = torch_compile_cache ] || members+=("vllm/$(basename "$dir")")
+    done
+    while read -r stamp dir; do
+      size=$(du -sk "$dir" | cut -f1)
+      if [ $((used + size)) -le "$cap" ]; then members+=("vllm/torch_compile_cache/$(basename "$dir")"); used=$((used + size))
+      else left=$((left + 1)); fi
+    done < <(find /tmp/product/cache/vllm/torch_compile_cache -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' 2>/dev/null | sort -rn)
     rm -rf "$pieces" && mkdir -p "$pieces"
-    tar -czf - -C /tmp/product/cache vllm | split -b 15000000 -d -a 2 - "$pieces/compile-cache.tgz."
-    echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $(cat "$pieces"/* | wc -c) bytes" \
-      "packed in $(ls "$pieces" | wc -l) pieces, sha256 $(cat "$pieces"/* | sha256sum | cut -d' ' -f1)"
+    tar -czf - -C /tmp/product/cache "${members[@]}" | split -b 15000000 -d -a 2 - "$pieces/compile-cache.tgz."
+    echo "compile cache: $(du -sh /tmp/product/cache/vllm | cut -f1) on disk, $(( (used + 512) / 1024 )) MiB of compiles kept," \
+      "$left older ones left out; $(cat "$pieces"/* | wc -c) bytes packed in $(ls "$pieces" | wc -l) pieces," \
+      "sha256 $(cat "$pieces"/* | sha256sum | cut -d' ' -f1)"
   fi
   local all=("$pieces"/compile-cache.tgz.*) first=$((group * 4))
   for piece in "${all[@]:first:4}"; do cp "$piece" "$OUT/"; echo "$(basename "$piece"): $(stat -c %s "$piece") bytes"; done
