@@ -23,7 +23,8 @@
 #       bench/client_replay.py, vLLM's own client (`vllm bench serve`) on that trial's vllm_config.yaml,
 #       NVML around it, in the background; `wait` follows it and brings back client-replay.json.
 #   bash bench/gpu/stage_and_run.sh wait SECONDS
-#       Follows the benchmark until it ends or SECONDS pass, then copies its results to $OUT.
+#       Follows the benchmark until it ends or SECONDS pass (printing the log lines no earlier wait
+#       printed, the last ones too), then copies its results to $OUT.
 #   bash bench/gpu/stage_and_run.sh stop
 #       SIGTERM to the run (its running trial is recorded as failed, retried next run), then as wait.
 #   bash bench/gpu/stage_and_run.sh cache GROUP
@@ -196,14 +197,19 @@ stage() {
 }
 
 wait_for() {
-  local limit=${1:-540} t0=$SECONDS last=0 log="$OUTDIR/driver.log"
+  local limit=${1:-540} t0=$SECONDS last=0 log="$OUTDIR/driver.log" seen
   [ -f "$OUTDIR/product.log" ] && log="$OUTDIR/product.log"
   [ -f "$OUTDIR/client.log" ] && [ "$OUTDIR/client.log" -nt "$log" ] && log="$OUTDIR/client.log"
-  while driver_running && [ $((SECONDS - t0)) -lt "$limit" ]; do
-    sleep 5
+  # Only the lines an earlier `wait` has not printed: the reply shows the last 12,000 characters.
+  seen="$S/seen-$(basename "$log")"
+  [ -f "$seen" ] && [ "$(stat -c %Y "$seen")" -ge "$(stat -c %Y "$S/driver.pid" 2>/dev/null || echo 0)" ] && last=$(cat "$seen")
+  while :; do
     n=$(wc -l < "$log" 2>/dev/null || echo 0)
     if [ "$n" -gt "$last" ]; then sed -n "$((last + 1)),${n}p" "$log" | grep -v "^\s*$" | cut -c1-400; last=$n; fi
+    driver_running && [ $((SECONDS - t0)) -lt "$limit" ] || break
+    sleep 5
   done
+  echo "$last" > "$seen"
   driver_running && echo "== still running after ${limit} s" || echo "== benchmark ended"
   grep -v "it/s]\|s/it]" "$OUTDIR/compress.log" 2>/dev/null | grep "\[compress\]\|Error\|error" | tail -12
   [ -f "$OUTDIR/results.md" ] && { echo "== results.md"; cat "$OUTDIR/results.md"; }
