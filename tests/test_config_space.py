@@ -377,11 +377,11 @@ def test_the_reference_trial_keeps_the_reference_settings_where_the_spaces_fixed
     assert (ran[0].workload.verbosity, ran[0].compress.scheme) == ("model", "none")
 
 
-def _ran_for(seconds: float) -> optuna.trial.FrozenTrial:
+def _ran_for(seconds: float, **user_attrs) -> optuna.trial.FrozenTrial:
     began = datetime.datetime(2026, 12, 7, 9, 0, 0)
     return optuna.trial.FrozenTrial(number=0, state=optuna.trial.TrialState.COMPLETE, value=1.0, values=None,
                                     datetime_start=began, datetime_complete=began + datetime.timedelta(seconds=seconds),
-                                    params={}, distributions={}, user_attrs={}, system_attrs={},
+                                    params={}, distributions={}, user_attrs=user_attrs, system_attrs={},
                                     intermediate_values={}, trial_id=0)
 
 
@@ -392,6 +392,7 @@ def test_timeout_starts_no_trial_the_studys_median_trial_would_not_finish_before
     study = optuna.create_study(storage=url, study_name="s")
     for seconds in (100, 300):
         study.add_trial(_ran_for(seconds))
+    study.add_trial(_ran_for(0.1, duplicate_of=1))  # answered from trial 1's measurement: no trial's length
     assert study_mod.typical_trial_s(study) == 200
     ran = []
 
@@ -402,5 +403,5 @@ def test_timeout_starts_no_trial_the_studys_median_trial_would_not_finish_before
     stopped = study_mod.optimize_until(study, objective, study_mod.RunOptions(10, 150.0, "none", {}, storage_url=url))
     assert ran == [] and re.fullmatch(r"--timeout: 1[45]\d s left, and this study's median trial takes 200 s", stopped)
     # With time for one: the quick trial lowers the median and more start, up to --trials.
-    options = study_mod.RunOptions(4, 250.0, "none", {}, storage_url=url)
-    assert study_mod.optimize_until(study, objective, options) is None and ran == [2, 3]
+    options = study_mod.RunOptions(5, 250.0, "none", {}, storage_url=url)
+    assert study_mod.optimize_until(study, objective, options) is None and ran == [3, 4]
