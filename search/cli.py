@@ -448,7 +448,7 @@ def cmd_run(args) -> int:
     from objectives.recovery import Gate
     from search import feasibility, trial as trial_mod
     from search.compress import CheckpointCache, Compressor
-    from search.compress.stage import model_fingerprint
+    from search.compress.stage import model_digests
     from search.figures import figures
     from search.progress import Progress
     from search.redaction import redact
@@ -480,12 +480,13 @@ def cmd_run(args) -> int:
     status = "FAILED"  # what the study's MLflow run says if this run ends by an error
     try:
         try:
-            fingerprint = model_fingerprint(model, cache.root / "fingerprints")
+            fingerprint, model_files = model_digests(model, cache.root / "fingerprints")
             # A study resumed on another machine must serve the same weights (a twin rebuilt differently
             # would be scored against another baseline): the fingerprint is part of what defines it.
             # Joules differ between card kinds (an H100's and an H200's trials are not comparable): the
             # card is part of the definition too.
-            study_mod.check_definition(study, {"model_fingerprint": fingerprint, "gpu": platform.gpu_name or "none"})
+            study_mod.check_definition(study, {"model_fingerprint": fingerprint, "gpu": platform.gpu_name or "none"},
+                                       model_files)
             started = time.perf_counter()
             try:
                 baseline = trial_mod.load_or_make_baseline(runtime, trial_mod.baseline_key(runtime, fingerprint),

@@ -158,19 +158,28 @@ def open_study(name: str, storage_url: str, sampler: str = "tpe", seed: int | No
     return study
 
 
-def check_definition(study: optuna.Study, definition: dict[str, Any]) -> None:
+def check_definition(study: optuna.Study, definition: dict[str, Any],
+                     model_files: dict[str, str] | None = None) -> None:
     """A study keeps what defines it (space, gate, sampler and directions, model, energy source):
     trials made under other ones cannot be compared. The first run stores them; a later run that
-    changes one is refused, naming it. A key the study does not hold yet is added."""
+    changes one is refused, naming it. A key the study does not hold yet is added. `model_files`
+    (each file's sha256, search/compress/stage.py's model_digests) is kept beside the definition, so
+    that a changed model fingerprint is refused naming the files that differ."""
     definition = json.loads(json.dumps(definition))  # as the storage gives it back: lists, not tuples
     stored = study.user_attrs.get("definition", {})
     changed = [f"{key} {stored[key]!r} -> {value!r}" for key, value in definition.items()
                if key in stored and stored[key] != value]
+    kept_files = study.user_attrs.get("model_files")
+    if any(entry.startswith("model_fingerprint ") for entry in changed) and kept_files and model_files:
+        differ = sorted(name for name in {*kept_files, *model_files} if kept_files.get(name) != model_files.get(name))
+        changed.append(f"the model's files that differ: {', '.join(differ[:8])}" + (" ..." if len(differ) > 8 else ""))
     if changed:
         raise cfg.ConfigError(f"study {study.study_name!r} was made with other settings ({'; '.join(changed)}); "
                               "give a new --study name to change them")
     if any(key not in stored for key in definition):
         study.set_user_attr("definition", {**stored, **definition})
+    if model_files is not None and kept_files is None:
+        study.set_user_attr("model_files", model_files)
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:

@@ -1,4 +1,5 @@
 import datetime
+import hashlib
 import re
 import subprocess
 import sys
@@ -405,3 +406,35 @@ def test_timeout_starts_no_trial_the_studys_median_trial_would_not_finish_before
     # With time for one: the quick trial lowers the median and more start, up to --trials.
     options = study_mod.RunOptions(5, 250.0, "none", {}, storage_url=url)
     assert study_mod.optimize_until(study, objective, options) is None and ran == [3, 4]
+
+
+def test_a_changed_model_is_refused_naming_the_files_that_differ(tmp_path):
+    """2026-12-07: a resume was refused for a changed model fingerprint, and finding the file (the
+    twin's build record held its timings) took an investigation: the refusal now names it."""
+    from search.compress.stage import model_digests
+    model = tmp_path / "twin"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "build_stats.json").write_text('{"seconds": 81.2}')
+    study = study_mod.open_study("defined", f"sqlite:///{tmp_path / 'optuna.db'}", "tpe")
+    fingerprint, files = model_digests(model, tmp_path / "memo")
+    study_mod.check_definition(study, {"model_fingerprint": fingerprint}, files)
+    (model / "build_stats.json").write_text('{"seconds": 79.9}')  # the next machine's build
+    rebuilt, rebuilt_files = model_digests(model, tmp_path / "memo")
+    differ = r"model_fingerprint .* -> .*; the model's files that differ: build_stats.json\)"
+    with pytest.raises(ConfigError, match=differ):
+        study_mod.check_definition(study, {"model_fingerprint": rebuilt}, rebuilt_files)
+
+
+def test_the_model_fingerprints_formula_never_changes(tmp_path):
+    """Committed studies hold fingerprints of their model: a new formula would refuse their resume."""
+    from search.compress.stage import model_digests, model_fingerprint
+    model = tmp_path / "m"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "w.safetensors").write_bytes(bytes(range(256)) * 3)
+    pinned = "65585e6eba347d28f9f50277e7bb155f41ef468f5bd906ff5a3e97fb9c2d74b6"  # the formula of 2026-12-07
+    assert model_fingerprint(model, tmp_path / "memo") == pinned
+    assert model_digests(model, tmp_path / "memo") == (pinned, {  # memoised: the same, files and all
+        "config.json": hashlib.sha256(b'{"a": 1}').hexdigest(),
+        "sub/w.safetensors": hashlib.sha256(bytes(range(256)) * 3).hexdigest()})

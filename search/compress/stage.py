@@ -44,22 +44,34 @@ class CompressResult:
 
 def model_fingerprint(model_dir: Path, memo_dir: Path) -> str:
     """sha256 of every file of a checkpoint, memoised by (path, sizes, mtimes) so 16 GB hash once."""
+    return model_digests(model_dir, memo_dir)[0]
+
+
+def model_digests(model_dir: Path, memo_dir: Path) -> tuple[str, dict[str, str]]:
+    """The checkpoint's fingerprint and each file's own sha256 by its path in the checkpoint (so that a
+    refused resume can name the file that changed), from one read of the files. The fingerprint's
+    formula never changes: committed studies hold fingerprints made by it."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     stamp = hashlib.sha256(json.dumps(
         [str(model_dir.resolve())] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     ).encode()).hexdigest()
-    memo = memo_dir / f"fingerprint-{stamp}"
+    memo = memo_dir / f"digests-{stamp}.json"
     if memo.exists():
-        return memo.read_text()
-    digest = hashlib.sha256()
+        saved = json.loads(memo.read_text())
+        return saved["fingerprint"], saved["files"]
+    digest, each = hashlib.sha256(), {}
     for p in files:
-        digest.update(str(p.relative_to(model_dir)).encode())
+        name = str(p.relative_to(model_dir))
+        digest.update(name.encode())
+        own = hashlib.sha256()
         with open(p, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
+                own.update(block)
+        each[name] = own.hexdigest()
     memo_dir.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest())
-    return digest.hexdigest()
+    memo.write_text(json.dumps({"fingerprint": digest.hexdigest(), "files": each}))
+    return digest.hexdigest(), each
 
 
 def cache_key(base_fingerprint: str, config: CompressionConfig, llmcompressor_version: str) -> str:
