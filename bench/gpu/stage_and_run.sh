@@ -71,10 +71,12 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
       b=$(find "$OUT" -type f -print0 | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
       [ $((n + $1 + reserve)) -le 8 ] && [ $((${b:-0} + $2)) -le 62000000 ]
     }
-    # the baseline before the compile cache: a study without its baseline can't be compared
+    # the baseline: a study without its baseline cannot be compared
     local baseline; baseline=$(cd /tmp && ls product/studies/*/baseline-*.json 2>/dev/null)
     if [ -n "$baseline" ]; then
-      tar -czf "$OUTDIR/baseline.tgz" -C /tmp $baseline
+      # packed again only when a baseline file changed (it is made once a study, ~27 MB of answers)
+      [ -f "$OUTDIR/baseline.tgz" ] && [ -z "$(cd /tmp && find $baseline -newer "$OUTDIR/baseline.tgz")" ] \
+        || tar -czf "$OUTDIR/baseline.tgz" -C /tmp $baseline
       local bsize; bsize=$(stat -c %s "$OUTDIR/baseline.tgz")
       if [ "$bsize" -le 15000000 ]; then
         if fits 1 "$bsize"; then cp "$OUTDIR/baseline.tgz" "$OUT/"; echo "baseline.tgz: $bsize bytes"
@@ -204,7 +206,7 @@ wait_for() {
   seen="$S/seen-$(basename "$log")"
   [ -f "$seen" ] && [ "$(stat -c %Y "$seen")" -ge "$(stat -c %Y "$S/driver.pid" 2>/dev/null || echo 0)" ] && last=$(cat "$seen")
   while :; do
-    n=$(wc -l < "$log" 2>/dev/null || echo 0)
+    n=$( [ -f "$log" ] && wc -l < "$log" || echo 0)
     if [ "$n" -gt "$last" ]; then sed -n "$((last + 1)),${n}p" "$log" | grep -v "^\s*$" | cut -c1-400; last=$n; fi
     driver_running && [ $((SECONDS - t0)) -lt "$limit" ] || break
     sleep 5
