@@ -247,13 +247,12 @@ def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         metrics = t.user_attrs.get("metrics", {})
-        ended, began = t.datetime_complete, t.datetime_start
-        took = (ended - began).total_seconds() if ended and began else None
         head = (t.number, t.state.name, t.user_attrs.get("preset") or "sampled", t.values[0] if t.values else None,
                 t.user_attrs.get("feasible"), metrics.get("recovery_mean"))
         rows.append({**dict(zip(_TABLE_HEAD, head)),
                      **{k: v for k, v in metrics.items() if k.startswith("time_")},
-                     "trial_s": took, "reason": t.user_attrs.get("reason", "")})
+                     "trial_s": t.duration.total_seconds() if t.duration else None,
+                     "reason": t.user_attrs.get("reason", "")})
     return rows
 
 

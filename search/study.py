@@ -486,9 +486,9 @@ def optimize_until(study: optuna.Study, objective, options: RunOptions) -> str |
 def typical_trial_s(study: optuna.Study) -> float | None:
     """The median wall time of the study's trials that ran to an end (complete or pruned), those answered
     from an earlier measurement left out (they take no time); None before any."""
-    took = [(t.datetime_complete - t.datetime_start).total_seconds()
+    took = [t.duration.total_seconds()
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.datetime_start and t.datetime_complete and dedupe.DUPLICATE_OF not in t.user_attrs]
+            if t.duration and dedupe.DUPLICATE_OF not in t.user_attrs]
     return statistics.median(took) if took else None
 
 
