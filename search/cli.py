@@ -600,6 +600,15 @@ def cmd_status(args) -> int:
                   "has them all):" if changed else "  the reference's own settings")
         for key, value in sorted(changed.items()):
             print(f"  {key} = {value}" + (f"  (reference: {reference[key]})" if key in reference else ""))
+    versus = summary["versus_presets"]
+    if versus:
+        found = versus["best_sampled"]
+        print(f"the search against the presets it was given: best sampled trial {found['trial']} "
+              f"{found['objective']:.6g} J/request")
+        for row in versus["presets"]:
+            change = row["best_sampled_change"]
+            print(f"  {row['preset']} (trial {row['trial']}) {row['objective']:.6g} J/request: "
+                  f"{abs(change):.1%} {'below' if change < 0 else 'above'}")
     print("\n".join(bill.describe(search_bill)))
     return 0
 

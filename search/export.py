@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from search.config import ConfigError, TrialConfig, build, flatten
-from search.summaries import measured
+from search.summaries import measured, versus_presets
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Machine-local caches a study's servers are pointed at: not part of a deployment's environment.
@@ -158,7 +158,8 @@ def deployable(engine: dict[str, Any], config: dict[str, Any], chat_template: Pa
 def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None,
            home: Path | None = None) -> list[dict[str, Any]]:
     """The Pareto front, or the measured trials `numbers` in that order, as CSV/JSON and deployables;
-    beside them trials.csv, every trial of the study (trial_table).
+    beside them trials.csv, every trial of the study (trial_table), and versus.csv, the best sampled
+    trial against every preset (summaries.versus_presets) once there is one.
 
     `home`: the study's folder as it is now (search/home.py); a trial's files are looked for there
     first. A trial whose files are missing fails the export, naming where it looked, before anything
@@ -235,6 +236,14 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None,
     table = trial_table(study)
     stages = list(dict.fromkeys(k for row in table for k in row if k.startswith("time_")))  # pipeline order
     _write_csv(out_dir / "trials.csv", table, [*_TABLE_HEAD, *stages, "trial_s", "reason"])
+    versus = versus_presets(study)
+    if versus:
+        found = versus["best_sampled"]
+        _write_csv(out_dir / "versus.csv",
+                   [{**row, "best_sampled_trial": found["trial"], "best_sampled_objective": found["objective"]}
+                    for row in versus["presets"]],
+                   ["preset", "trial", "objective", "best_sampled_trial", "best_sampled_objective",
+                    "best_sampled_change"])
     return rows
 
 

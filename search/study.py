@@ -40,7 +40,7 @@ from search import trial as trial_mod
 from search.progress import Progress
 from search.redaction import redact
 from search.summaries import (RECOVERY_GATE, RUNS_HERE, best_feasible, constraints_of, counts, finished,
-                              set_constraints, study_bill)
+                              set_constraints, study_bill, versus_presets)
 from search.track import Tracker, TrackingFailed
 from search.errors import SearchError
 from search.retries import after_pauses
@@ -587,6 +587,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
             "energy_source": best.user_attrs.get("energy_source"), "config": best.user_attrs.get("config"),
             "is_reference": dedupe.is_reference(best, dedupe.reference_config(study))},
         "duplicates": len(dedupe.duplicates(study)),  # trials answered from an earlier measurement
+        "versus_presets": versus_presets(study),
     }
 
 

@@ -1,5 +1,5 @@
 """What a study holds, read from its trials: counts by state, the best feasible trial, progress,
-the search's bill.
+the search against the presets it was given, the search's bill.
 
 Shared by the study loop, the live progress line, the CLI and the export, so none of them imports
 another for it.
@@ -104,6 +104,21 @@ def counts(study: optuna.Study) -> dict[str, int]:
 
 def best_feasible(study: optuna.Study) -> FrozenTrial | None:
     return min((t for t in measured(study) if t.user_attrs.get("feasible")), key=lambda t: t.values[0], default=None)
+
+
+def versus_presets(study: optuna.Study) -> dict | None:
+    """What the search found against what it was given: the best feasible sampled trial beside every
+    feasible enqueued preset (the reference, the seeds), each with the sampled trial's change in price
+    against it; None until a feasible sampled trial and a feasible preset are both measured."""
+    feasible = [t for t in measured(study) if t.user_attrs.get("feasible")]
+    presets = [t for t in feasible if t.user_attrs.get("preset")]
+    best = min((t for t in feasible if not t.user_attrs.get("preset")), key=lambda t: t.values[0], default=None)
+    if best is None or not presets:
+        return None
+    found = best.values[0]
+    rows = [{"preset": t.user_attrs["preset"], "trial": t.number, "objective": t.values[0],
+             "best_sampled_change": found / t.values[0] - 1} for t in sorted(presets, key=lambda t: t.values[0])]
+    return {"best_sampled": {"trial": best.number, "objective": found}, "best_preset": rows[0], "presets": rows}
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -128,6 +128,8 @@ def test_status_says_when_the_best_feasible_trial_is_the_reference(tmp_path, cap
     assert cli.main(["status", "--study", "ref", "--storage", url]) == 0
     out = capsys.readouterr().out
     assert "best feasible: trial 3" in out and dedupe.REFERENCE_IS_BEST not in out
+    # The duplicate (trial 2) is no measurement: the reference's one price is what the search beat.
+    assert "best sampled trial 3 1.5 J/request\n  reference (trial 0) 2 J/request: 25.0% below" in out
 
 
 def test_status_shows_the_best_trials_settings_that_differ_from_the_reference(tmp_path, capsys):
