@@ -228,20 +228,25 @@ def test_a_study_folder_copied_elsewhere_is_read_exported_and_reviewed_from_the_
     assert proc.returncode == 2 and "the files of trial 0 are missing" in proc.stderr
 
 
+def _measured(study, tmp_path, energy, **attrs):
+    """A complete trial with its folder (export reads each chosen trial's vllm_config.yaml)."""
+    workdir = tmp_path / f"trial-{len(study.trials)}"
+    workdir.mkdir()
+    (workdir / "vllm_config.yaml").write_text("max-num-seqs: 4\n")
+    trial = study.ask()
+    for key, value in {"workdir": str(workdir), "energy_source": "nvml", **attrs}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, energy)
+
+
 def test_the_best_sampled_trial_is_set_against_every_preset_it_was_given(tmp_path):
     """Issue 25's goal reads off versus.csv: the best sampled trial's price against each seed's."""
     study = optuna.create_study()
-    trials = [("reference", 25.0, True), ("seed_a", 20.0, True), ("seed_b", 17.5, True), (None, 18.0, True),
-              (None, 14.0, True), (None, 10.0, False), ("seed_c", 12.0, False)]
-    for preset, energy, feasible in trials:
-        workdir = tmp_path / f"trial-{len(study.trials)}"
-        workdir.mkdir()
-        (workdir / "vllm_config.yaml").write_text("max-num-seqs: 4\n")
-        trial = study.ask()
-        for key, value in {"workdir": str(workdir), "feasible": feasible, "energy_source": "nvml",
-                           "metrics": {"recovery_mean": 0.9}, **({"preset": preset} if preset else {})}.items():
-            trial.set_user_attr(key, value)
-        study.tell(trial, energy)
+    for preset, energy, feasible in [("reference", 25.0, True), ("seed_a", 20.0, True), ("seed_b", 17.5, True),
+                                     (None, 18.0, True), (None, 14.0, True), (None, 10.0, False),
+                                     ("seed_c", 12.0, False)]:
+        _measured(study, tmp_path, energy, feasible=feasible, metrics={"recovery_mean": 0.9},
+                  **({"preset": preset} if preset else {}))
     export(study, tmp_path / "out")
     with open(tmp_path / "out" / "versus.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -252,13 +257,6 @@ def test_the_best_sampled_trial_is_set_against_every_preset_it_was_given(tmp_pat
 
 def test_no_versus_table_before_a_sampled_trial_is_measured(tmp_path):
     study = optuna.create_study()
-    workdir = tmp_path / "trial-0"
-    workdir.mkdir()
-    (workdir / "vllm_config.yaml").write_text("max-num-seqs: 4\n")
-    trial = study.ask()
-    for key, value in {"workdir": str(workdir), "feasible": True, "preset": "reference",
-                       "metrics": {"recovery_mean": 1.0}}.items():
-        trial.set_user_attr(key, value)
-    study.tell(trial, 25.0)
+    _measured(study, tmp_path, 25.0, feasible=True, preset="reference", metrics={"recovery_mean": 1.0})
     export(study, tmp_path / "out")
     assert (tmp_path / "out" / "trials.csv").exists() and not (tmp_path / "out" / "versus.csv").exists()
