@@ -102,15 +102,20 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
+def _feasible(study: optuna.Study) -> list[FrozenTrial]:
+    """Measured trials that kept enough of the reference's quality."""
+    return [t for t in measured(study) if t.user_attrs.get("feasible")]
+
+
 def best_feasible(study: optuna.Study) -> FrozenTrial | None:
-    return min((t for t in measured(study) if t.user_attrs.get("feasible")), key=lambda t: t.values[0], default=None)
+    return min(_feasible(study), key=lambda t: t.values[0], default=None)
 
 
 def versus_presets(study: optuna.Study) -> dict | None:
     """What the search found against what it was given: the best feasible sampled trial beside every
-    feasible enqueued preset (the reference, the seeds), each with the sampled trial's change in price
-    against it; None until a feasible sampled trial and a feasible preset are both measured."""
-    feasible = [t for t in measured(study) if t.user_attrs.get("feasible")]
+    feasible enqueued preset (the reference, the seeds), cheapest first, each with the sampled trial's
+    change in price against it; None until a feasible sampled trial and a feasible preset are both measured."""
+    feasible = _feasible(study)
     presets = [t for t in feasible if t.user_attrs.get("preset")]
     best = min((t for t in feasible if not t.user_attrs.get("preset")), key=lambda t: t.values[0], default=None)
     if best is None or not presets:
@@ -118,7 +123,7 @@ def versus_presets(study: optuna.Study) -> dict | None:
     found = best.values[0]
     rows = [{"preset": t.user_attrs["preset"], "trial": t.number, "objective": t.values[0],
              "best_sampled_change": found / t.values[0] - 1} for t in sorted(presets, key=lambda t: t.values[0])]
-    return {"best_sampled": {"trial": best.number, "objective": found}, "best_preset": rows[0], "presets": rows}
+    return {"best_sampled": {"trial": best.number, "objective": found}, "presets": rows}
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -24,10 +24,10 @@ case "${1:-}" in
     echo "slim_tree: kept ${keep%/}; the rest of bench/results is in $HOLD ($(du -sh "$HOLD" | cut -f1))" ;;
   back)
     [ -d "$HOLD" ] || { echo "slim_tree: nothing held"; exit 0; }
-    for entry in "$HOLD"/* "$HOLD"/.[!.]*; do
+    for entry in "$HOLD"/*; do
       [ -e "$entry" ] || continue
       name=${entry#"$HOLD"/}
-      if [ -d "$entry" ] && [ -d "bench/results/$name" ]; then  # a folder partly moved by hand earlier
+      if [ -d "$entry" ] && [ -d "bench/results/$name" ]; then  # restored meanwhile (a git checkout): keep both
         cp -rn "$entry"/. "bench/results/$name"/ && rm -rf "$entry"
       else
         mv "$entry" bench/results/
