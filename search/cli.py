@@ -426,6 +426,11 @@ def cmd_run(args) -> int:
         from search.study import study_dir
         return run_workers(args, argv, fanout.gpu_slots(gpus, study_dir(args.home, args.study) / "workers"),
                            storage_url, mlflow_uri)
+    if args.warm_start != "none":  # after every check: a refused input gets its one line alone
+        for name, values in presets.items():
+            for param, value, samples in space.out_of_reach(values):
+                print(f"note: preset {name} runs {param}={value!r}, which the space never samples (it samples "
+                      f"{samples}): no sampled trial can match it there", file=sys.stderr)
 
     from search import energy, study as study_mod
     study_mod.quiet_optuna()

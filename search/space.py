@@ -340,6 +340,16 @@ class Space:
                    "constraints": [dataclasses.asdict(c) for c in self.constraints]}
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def out_of_reach(self, preset: dict[str, Any]) -> list[tuple[str, Any, list]]:
+        """(param, the preset's value, what the space samples) for each searched param the preset sets
+        to a value the sampler can never propose: no sampled trial can match the preset there, so a
+        preset that wins by such a value is one the search cannot find or beat on that knob."""
+        values = {**self.fixed, **self.reference_config().flat(), **preset}
+        return [(param.name, preset[param.name], list(param.choices) if param.choices is not None
+                 else [param.low, param.high])
+                for param in self.params
+                if param.name in preset and param.active(values) and not _contains(param.distribution(), preset[param.name])]
+
     def enqueue_params(self, preset: dict[str, Any]) -> dict[str, Any]:
         """A preset as Optuna can enqueue it: its values that lie inside this space's distributions,
         and for the params it does not name, the reference configuration's values. A seed changes

@@ -216,6 +216,20 @@ def test_presets_are_valid_configs():
     assert config.serve.gpu_memory_utilization == space.fixed["serve.gpu_memory_utilization"]
 
 
+def test_a_presets_values_the_sampler_never_proposes_are_named():
+    space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-l4.yaml")
+    presets = space_mod.load_presets(PROJECT / "spaces" / "presets" / "seeds.yaml")
+    # The best seed of l4-twin-v3-h100 serves 1024 sequences; the L4 space samples at most 256.
+    assert space.out_of_reach(presets["seed_001_sparsegpt_gptq_w4a16_fp8kv"]) == [
+        ("serve.max_num_seqs", 1024, [16, 32, 64, 128, 256])]
+    assert space.out_of_reach(presets["seed_003_observer_w4a16"]) == []
+    # A range is judged by its bounds and step; a value the preset's own choices switch off is not named.
+    assert space.out_of_reach({"compress.prune.method": "wanda", "compress.prune.base": 0.5}) == [
+        ("compress.prune.base", 0.5, [0.05, 0.3])]
+    assert space.out_of_reach({"compress.prune.method": "none", "compress.prune.base": 0.5}) == []
+    assert space.out_of_reach({"compress.scheme": "none", "compress.method": "awq2"}) == []
+
+
 def test_a_presets_file_is_enqueued_in_its_order_with_values_outside_the_space_kept(tmp_path):
     presets_file = tmp_path / "presets.yaml"
     presets_file.write_text("small: {config: {serve.max_num_seqs: 64}}\n"
