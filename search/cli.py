@@ -426,15 +426,19 @@ def cmd_run(args) -> int:
         from search.study import study_dir
         return run_workers(args, argv, fanout.gpu_slots(gpus, study_dir(args.home, args.study) / "workers"),
                            storage_url, mlflow_uri)
+    outside_space = {}
     if args.warm_start != "none":  # after every check: a refused input gets its one line alone
         for name, values in presets.items():
             for param, value, samples in space.out_of_reach(values):
+                outside_space.setdefault(name, {})[param] = value
                 print(f"note: preset {name} runs {param}={value!r}, which the space never samples (it samples "
                       f"{samples}): no sampled trial can match it there", file=sys.stderr)
 
     from search import energy, study as study_mod
+    from search.summaries import PRESETS_OUTSIDE_SPACE
     study_mod.quiet_optuna()
     study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
+    study.set_user_attr(PRESETS_OUTSIDE_SPACE, outside_space)  # status and export set the search against them
     definition = {"space": space.digest(), "model": model_name, "sampler": args.sampler,
                   "directions": study_mod.directions_for(args.sampler), "gate": args.gate,
                   "gate_use": args.gate_use, "per_task_min": args.per_task_min, "slo": slos,
@@ -612,8 +616,10 @@ def cmd_status(args) -> int:
               f"{found['objective']:.6g} J/request")
         for row in versus["presets"]:
             change = row["best_sampled_change"]
+            outside = ", ".join(f"{k}={v}" for k, v in row["outside_space"].items())
             print(f"  {row['preset']} (trial {row['trial']}) {row['objective']:.6g} J/request: "
-                  f"{abs(change):.1%} {'below' if change < 0 else 'above'}")
+                  f"{abs(change):.1%} {'below' if change < 0 else 'above'}"
+                  + (f"  (runs {outside}, which the space never samples)" if outside else ""))
     print("\n".join(bill.describe(search_bill)))
     return 0
 

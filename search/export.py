@@ -240,10 +240,11 @@ def export(study: optuna.Study, out_dir: Path, numbers: list[int] | None = None,
     if versus:
         found = versus["best_sampled"]
         _write_csv(out_dir / "versus.csv",
-                   [{**row, "best_sampled_trial": found["trial"], "best_sampled_objective": found["objective"]}
+                   [{**row, "best_sampled_trial": found["trial"], "best_sampled_objective": found["objective"],
+                     "outside_space": "; ".join(f"{k}={v}" for k, v in row["outside_space"].items())}
                     for row in versus["presets"]],
                    ["preset", "trial", "objective", "best_sampled_trial", "best_sampled_objective",
-                    "best_sampled_change"])
+                    "best_sampled_change", "outside_space"])
     return rows
 
 

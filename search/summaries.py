@@ -111,18 +111,25 @@ def best_feasible(study: optuna.Study) -> FrozenTrial | None:
     return min(_feasible(study), key=lambda t: t.values[0], default=None)
 
 
+# Study attribute: {preset: {param: value}} for the values a preset runs that its space never samples.
+PRESETS_OUTSIDE_SPACE = "presets_outside_space"
+
+
 def versus_presets(study: optuna.Study) -> dict | None:
     """What the search found against what it was given: the best feasible sampled trial beside every
     feasible enqueued preset (the reference, the seeds), cheapest first, each with the sampled trial's
-    change in price against it; None until a feasible sampled trial and a feasible preset are both measured."""
+    change in price against it and the preset's values no sampled trial can take; None until a feasible
+    sampled trial and a feasible preset are both measured."""
     feasible = _feasible(study)
     presets = [t for t in feasible if t.user_attrs.get("preset")]
     best = min((t for t in feasible if not t.user_attrs.get("preset")), key=lambda t: t.values[0], default=None)
     if best is None or not presets:
         return None
     found = best.values[0]
+    outside = study.user_attrs.get(PRESETS_OUTSIDE_SPACE, {})
     rows = [{"preset": t.user_attrs["preset"], "trial": t.number, "objective": t.values[0],
-             "best_sampled_change": found / t.values[0] - 1} for t in sorted(presets, key=lambda t: t.values[0])]
+             "best_sampled_change": found / t.values[0] - 1, "outside_space": outside.get(t.user_attrs["preset"], {})}
+            for t in sorted(presets, key=lambda t: t.values[0])]
     return {"best_sampled": {"trial": best.number, "objective": found}, "presets": rows}
 
 

@@ -15,7 +15,7 @@ from search import space as space_mod
 from search import study as study_mod
 from search import trial as trial_mod
 from search.progress import Progress
-from search.summaries import best_feasible, constraints_of, measured, study_bill
+from search.summaries import PRESETS_OUTSIDE_SPACE, best_feasible, constraints_of, measured, study_bill
 
 E2E_SPACE = Path(__file__).resolve().parent / "data" / "e2e_space.yaml"  # 3 x 2 = 6 configurations
 
@@ -130,6 +130,13 @@ def test_status_says_when_the_best_feasible_trial_is_the_reference(tmp_path, cap
     assert "best feasible: trial 3" in out and dedupe.REFERENCE_IS_BEST not in out
     # The duplicate (trial 2) is no measurement: the reference's one price is what the search beat.
     assert "best sampled trial 3 1.5 J/request\n  reference (trial 0) 2 J/request: 25.0% below" in out
+    # A seed that runs a value the space never samples is named with it: no sampled trial could match it.
+    study.add_trial(optuna.trial.create_trial(value=1.8, user_attrs={
+        **feasible, "config": {**reference, "serve.max_num_seqs": 1024}, "preset": "seed_x"}))
+    study.set_user_attr(PRESETS_OUTSIDE_SPACE, {"seed_x": {"serve.max_num_seqs": 1024}})
+    assert cli.main(["status", "--study", "ref", "--storage", url]) == 0
+    assert ("  seed_x (trial 4) 1.8 J/request: 16.7% below  (runs serve.max_num_seqs=1024, which the space "
+            "never samples)\n  reference (trial 0) 2 J/request: 25.0% below\n") in capsys.readouterr().out
 
 
 def test_status_shows_the_best_trials_settings_that_differ_from_the_reference(tmp_path, capsys):

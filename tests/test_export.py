@@ -15,6 +15,7 @@ from search.config import ConfigError
 from search.export import PROJECT, Point, export, pareto_front
 from search.figures import figures
 from search.serve import vllm_config
+from search.summaries import PRESETS_OUTSIDE_SPACE
 
 
 def test_pareto_front_hand_computed():
@@ -242,6 +243,7 @@ def _measured(study, tmp_path, energy, **attrs):
 def test_the_best_sampled_trial_is_set_against_every_preset_it_was_given(tmp_path):
     """Issue 25's goal reads off versus.csv: the best sampled trial's price against each seed's."""
     study = optuna.create_study()
+    study.set_user_attr(PRESETS_OUTSIDE_SPACE, {"seed_b": {"serve.max_num_seqs": 1024}})
     for preset, energy, feasible in [("reference", 25.0, True), ("seed_a", 20.0, True), ("seed_b", 17.5, True),
                                      (None, 18.0, True), (None, 14.0, True), (None, 10.0, False),
                                      ("seed_c", 12.0, False)]:
@@ -253,6 +255,8 @@ def test_the_best_sampled_trial_is_set_against_every_preset_it_was_given(tmp_pat
     # Infeasible trials (10.0 sampled, 12.0 seed_c) are neither the best found nor a preset to beat.
     assert [(r["preset"], r["best_sampled_trial"]) for r in rows] == [("seed_b", "4"), ("seed_a", "4"), ("reference", "4")]
     assert [round(float(r["best_sampled_change"]), 4) for r in rows] == [-0.2, -0.3, -0.44]
+    # A preset that runs a value the space never samples says so: the search could not match it there.
+    assert [r["outside_space"] for r in rows] == ["serve.max_num_seqs=1024", "", ""]
 
 
 def test_no_versus_table_before_a_sampled_trial_is_measured(tmp_path):
