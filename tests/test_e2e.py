@@ -86,7 +86,8 @@ def test_mlflow_holds_one_child_run_per_trial_with_artifacts(study_home):
         assert run.data.tags["energy_source"] == "estimate" and "ESTIMATE" in run.data.tags["energy_method"]
         assert "compress.scheme" in run.data.params
     infeasible = [r for r in children if r.data.tags["state"] == "INFEASIBLE"]
-    assert infeasible and "bitsandbytes" in infeasible[0].data.tags["failure_reason"]
+    # NF4 everywhere; on a CPU without vLLM's W4A16 kernel, the GPTQ seed too.
+    assert any("bitsandbytes" in r.data.tags["failure_reason"] for r in infeasible)
     parent_artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert "pareto.png" in parent_artifacts
     # The search's own bill on the study's run, saying whose meter made it.
@@ -112,7 +113,7 @@ def test_resume_continues_numbering_and_status(study_home, serve_python, main_py
     assert (out / "pareto.csv").exists() and (out / "pareto.json").exists()
 
 
-def test_trial_over_its_time_budget_fails_and_the_study_goes_on(study_home, serve_python, main_python):
+def test_trial_over_its_time_budget_fails_and_the_study_goes_on(study_home, serve_python, main_python, serves_w4a16):
     """A 3 s budget cannot cover a server start: the trial is failed with that reason, the next one runs."""
     run_cli(study_home, "run", "--trials", "6", "--space", str(SPACE), "--trial-timeout", "3",
             "--serve-python", serve_python, "--compress-python", main_python)
@@ -138,7 +139,8 @@ def test_a_hopeless_trial_is_pruned_by_the_screen_before_any_energy_is_measured(
     assert stages["spent_screen_j"] >= 0  # what the screen cost is on the search's bill
 
 
-def test_a_sigtermed_study_leaves_no_process_nothing_running_and_no_secret(tmp_path, serve_python, main_python):
+def test_a_sigtermed_study_leaves_no_process_nothing_running_and_no_secret(tmp_path, serve_python, main_python,
+                                                                          serves_w4a16):
     """SIGTERM (a scheduler, `kill`, a CI time-out) while the trial's vLLM server starts: the run ends
     at once with one line and exit 143, every process it started is gone, no trial and no MLflow run
     is left RUNNING, the trial is retried by the next run. The storage URL carries a password and

@@ -31,7 +31,8 @@ def commands(readme: str) -> list[str]:
     return [line[4:] for line in readme.splitlines() if line.startswith("    ")]
 
 
-def test_the_readme_commands_of_an_exported_point_run_from_another_folder(tmp_path, serve_python, main_python):
+def test_the_readme_commands_of_an_exported_point_run_from_another_folder(tmp_path, serve_python, main_python,
+                                                                           serves_w4a16):
     home = tmp_path / "home"
     workdir = home / "studies" / "s" / "trial-0000"
     workdir.mkdir(parents=True)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def study_home(tmp_path_factory, serve_python, main_python):
+def study_home(tmp_path_factory, serve_python, main_python, serves_w4a16):
     home = tmp_path_factory.mktemp("real-home")
     run_cli(home, "run", "--trials", "3", "--space", str(SPACE), "--study", "real", "--warm-start",
             str(PROJECT / "tests" / "data" / "smollm2_e2e_presets.yaml"),
