@@ -427,7 +427,7 @@ def cmd_run(args) -> int:
         return run_workers(args, argv, fanout.gpu_slots(gpus, study_dir(args.home, args.study) / "workers"),
                            storage_url, mlflow_uri)
     outside_space = {}
-    if args.warm_start != "none":  # after every check: a refused input gets its one line alone
+    if args.warm_start != "none":  # after the argument checks: a refused argument gets its one line alone
         for name, values in presets.items():
             for param, value, samples in space.out_of_reach(values):
                 outside_space.setdefault(name, {})[param] = value
@@ -438,7 +438,8 @@ def cmd_run(args) -> int:
     from search.summaries import PRESETS_OUTSIDE_SPACE
     study_mod.quiet_optuna()
     study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
-    study.set_user_attr(PRESETS_OUTSIDE_SPACE, outside_space)  # status and export set the search against them
+    if args.warm_start != "none":  # status and export set the search against them; a resume without presets keeps them
+        study.set_user_attr(PRESETS_OUTSIDE_SPACE, outside_space)
     definition = {"space": space.digest(), "model": model_name, "sampler": args.sampler,
                   "directions": study_mod.directions_for(args.sampler), "gate": args.gate,
                   "gate_use": args.gate_use, "per_task_min": args.per_task_min, "slo": slos,

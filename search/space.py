@@ -344,7 +344,7 @@ class Space:
         """(param, the preset's value, what the space samples) for each searched param the preset sets
         to a value the sampler can never propose: no sampled trial can match the preset there, so a
         preset that wins by such a value is one the search cannot find or beat on that knob."""
-        values = {**self.fixed, **self.reference_config().flat(), **preset}
+        values = {**self.reference_config().flat(), **preset, **self.fixed}  # as sample() sees them: fixed wins
         return [(param.name, preset[param.name], list(param.choices) if param.choices is not None
                  else [param.low, param.high])
                 for param in self.params
