@@ -16,7 +16,7 @@ from pathlib import Path
 
 from search.errors import SearchError
 
-from search.options import (DEFAULT_SPACE, DEFAULT_STUDY, GEMMA3, PROJECT, REAL, SLO_METRICS, TOY,  # noqa: F401
+from search.options import (DEFAULT_SPACE, DEFAULT_STUDY, GEMMA3, PROJECT, REAL, SAMPLERS, SLO_METRICS, TOY,  # noqa: F401
                             RunSettings, StudySettings, add_arguments, default_home, venv_python)
 
 DEFAULT_HOME = default_home()
@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", type=int, action="append", dest="trials", metavar="N",
                         help="export this measured trial instead of the front (repeatable): a point "
                              "you chose, e.g. one the front leaves out")
+
+    widen = sub.add_parser(
+        "widen", help="copy a study's trials into a new study of a wider space",
+        description="Copy every trial of --study into the new study --into, whose space (--space) samples more "
+                    "values: a trial is carried where the new space runs exactly the configuration it measured, "
+                    "else refused naming it. Then `run --study NEW --space SPACE` goes on from the copied trials.")
+    _common(widen)
+    widen.add_argument("--into", required=True, metavar="NEW", help="the new study's name (it must not hold trials)")
+    widen.add_argument("--space", type=Path, required=True, help="the wider space YAML the new study runs")
+    widen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="the options the study's runs pinned (run's --set): the trials ran with them")
+    widen.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="the new study's sampler (default: tpe)")
 
     comp = sub.add_parser("compress", help="compress one configuration (e.g. an exported Pareto point)")
     comp.add_argument("--model", default=TOY, help=f"'toy', '{REAL}', a local checkpoint folder, or a Hub id")
@@ -648,6 +660,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_widen(args) -> int:
+    import optuna
+    from search import space as space_mod, study as study_mod
+    from search.config import ConfigError
+    from search.widen import carried_trials, widen
+    if not args.space.is_file():
+        raise ConfigError(f"--space {args.space}: no such file")
+    space = space_mod.load(args.space)
+    if args.set:
+        space = space.pinned(_overrides(args.set))
+    if args.into == args.study:
+        raise ConfigError("--into: a widened study is a new one: give another name than --study's")
+    storage_url = _read_storage(args)
+    study_mod.quiet_optuna()
+    source = study_mod.load_study(args.study, storage_url)
+    if args.into in optuna.get_all_study_names(storage_url):
+        raise ConfigError(f"--into {args.into}: that study exists already; widen into a new study name")
+    copies = carried_trials(source, space)
+    widen(source, study_mod.open_study(args.into, storage_url, args.sampler), space, copies)
+    states: dict[str, int] = {}
+    for trial in copies:
+        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    print(f"{len(copies)} trials of {args.study} (" + ", ".join(f"{state} {n}" for state, n in states.items())
+          + f") copied into {args.into} under {args.space}; go on with `python -m search run --study {args.into} "
+          f"--space {args.space}" + "".join(f" --set {pair}" for pair in args.set)
+          + f"`. Their MLflow runs stay in {args.study}'s experiment.")
+    return 0
+
+
 def cmd_compress(args) -> int:
     import shutil
     from search import config as cfg
@@ -710,8 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     # The terminal shows the product's own lines: not Optuna's notes on its experimental options.
     warnings.filterwarnings("ignore", message=r".*(is experimental|an experimental feature)")
     handlers = {"run": cmd_run, "worker": cmd_run, "status": cmd_status, "show": cmd_show, "export": cmd_export,
-                "compress": cmd_compress, "make-toy": cmd_make_toy, "make-twin": cmd_make_twin}
-    if args.command in ("run", "worker", "status", "show", "export"):
+                "widen": cmd_widen, "compress": cmd_compress, "make-toy": cmd_make_toy, "make-twin": cmd_make_twin}
+    if args.command in ("run", "worker", "status", "show", "export", "widen"):
         from search.home import follow_move
         follow_move(args.home)  # a study folder moved or copied: its MLflow artifacts are the copy's
     try:

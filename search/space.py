@@ -221,6 +221,10 @@ class Param:
             return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)
         return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
+    def takes(self, value: Any) -> bool:
+        """Whether the sampler could propose `value` for this parameter."""
+        return _contains(self.distribution(), value)
+
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(key) in allowed for key, allowed in self.when.items())
 
@@ -348,7 +352,7 @@ class Space:
         return [(param.name, preset[param.name], list(param.choices) if param.choices is not None
                  else [param.low, param.high])
                 for param in self.params
-                if param.name in preset and param.active(values) and not _contains(param.distribution(), preset[param.name])]
+                if param.name in preset and param.active(values) and not param.takes(preset[param.name])]
 
     def enqueue_params(self, preset: dict[str, Any]) -> dict[str, Any]:
         """A preset as Optuna can enqueue it: its values that lie inside this space's distributions,
@@ -358,7 +362,7 @@ class Space:
         out = {}
         for param in self.params:
             value = preset[param.name] if param.name in preset else reference.get(param.name)
-            if _contains(param.distribution(), value):
+            if param.takes(value):
                 out[param.name] = value
         return out
 

@@ -219,10 +219,12 @@ def test_presets_are_valid_configs():
 def test_a_presets_values_the_sampler_never_proposes_are_named():
     space = space_mod.load(PROJECT / "spaces" / "gemma4-e4b-l4.yaml")
     presets = space_mod.load_presets(PROJECT / "spaces" / "presets" / "seeds.yaml")
-    # The best seed of l4-twin-v3-h100 serves 1024 sequences; the L4 space samples at most 256.
-    assert space.out_of_reach(presets["seed_001_sparsegpt_gptq_w4a16_fp8kv"]) == [
-        ("serve.max_num_seqs", 1024, [16, 32, 64, 128, 256])]
-    assert space.out_of_reach(presets["seed_003_observer_w4a16"]) == []
+    # Seed 004's structured pruning (FLAP) and its activation-ordered GPTQ are not in the L4 space.
+    assert space.out_of_reach(presets["seed_004_pruned_gptq_w4a16"]) == [
+        ("compress.actorder", "weight", ["none", "static"]),
+        ("compress.prune.method", "flap", ["none", "sparsegpt", "wanda"])]
+    # The best seed of l4-twin-v3-h100 serves 1024 sequences: the space widened for v4 samples them.
+    assert space.out_of_reach(presets["seed_001_sparsegpt_gptq_w4a16_fp8kv"]) == []
     # A range is judged by its bounds and step; a value the preset's own choices switch off is not named.
     assert space.out_of_reach({"compress.prune.method": "wanda", "compress.prune.base": 0.5}) == [
         ("compress.prune.base", 0.5, [0.05, 0.3])]

@@ -270,12 +270,14 @@ product() {  # TRIALS [run options...]: the product's own pipeline on the twin (
 # l4-twin (2026-12-06, 5 trials) sent 64 distinct prompts 8 times each: seeds with prefix caching on hit
 # it for 86% of their prompt tokens, which no evaluation would; l4-twin-v2 sends 512 distinct prompts.
 # l4-twin-v3: v2's twin fingerprinted its build timings, so no later rebuild could resume it (2026-12-07).
+# l4-twin-v4: v3's 13 trials carried (`search widen`, 2026-12-07) into the L4 space widened to max_num_seqs 512
+# and 1024, which the best seed runs and v3 could never sample; v4's stores hold v3's too.
 # On a twin the fidelity score gates nothing (gate 0): 16 teacher-forced items record it for less.
 # --no-early-stop: issue 25 asks for >= 30 measured trials, whatever the stop rule would say.
 # The card kind names the study: an H100's joules and an H200's are not one study's (the product
 # refuses a study resumed on another card); each kind's study grows on the sessions that get that kind.
 card_kind() { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE 'H100|H200|A100|L40S|L4' | head -1 | tr 'A-Z' 'a-z'; }
-L4_STUDY=(--study "l4-twin-v3-$(card_kind)" --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
+L4_STUDY=(--study "l4-twin-v4-$(card_kind)" --space spaces/gemma4-e4b-l4.yaml --warm-start seeds --gate 0 --trial-timeout 900
           --set serve.attention_backend=TRITON_ATTN --set workload.fidelity_items=16 --no-early-stop)
 
 l4study() {  # TRIALS [RESULTS_DIR]: resume (or begin) issue 25's study from the stores a committed results
