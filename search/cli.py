@@ -664,7 +664,7 @@ def cmd_widen(args) -> int:
     import optuna
     from search import space as space_mod, study as study_mod
     from search.config import ConfigError
-    from search.widen import carried_trials, widen
+    from search.widen import carried_trials, carry_baselines, widen
     if not args.space.is_file():
         raise ConfigError(f"--space {args.space}: no such file")
     space = space_mod.load(args.space)
@@ -679,13 +679,17 @@ def cmd_widen(args) -> int:
         raise ConfigError(f"--into {args.into}: that study exists already; widen into a new study name")
     copies = carried_trials(source, space)
     widen(source, study_mod.open_study(args.into, storage_url, args.sampler), space, copies)
+    home = args.home.resolve()
+    carried = carry_baselines(home / "studies" / args.study, home / "studies" / args.into)
     states: dict[str, int] = {}
     for trial in copies:
         states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
     print(f"{len(copies)} trials of {args.study} (" + ", ".join(f"{state} {n}" for state, n in states.items())
           + f") copied into {args.into} under {args.space}; go on with `python -m search run --study {args.into} "
           f"--space {args.space}" + "".join(f" --set {pair}" for pair in args.set)
-          + f"`. Their MLflow runs stay in {args.study}'s experiment.")
+          + f"`. Their MLflow runs stay in {args.study}'s experiment"
+          + (f"; the reference's answers ({', '.join(p.name for p in carried)}) were copied beside them." if carried
+             else "."))
     return 0
 
 

@@ -62,9 +62,12 @@ def trial_dir(trial: optuna.trial.FrozenTrial, study: optuna.Study, home: Path |
     name, studies/STUDY/trial-NNNN), else where the trial recorded it."""
     recorded = Path(trial.user_attrs.get("workdir", ""))
     if home is not None:
-        here = home / "studies" / study.study_name / (recorded.name or f"trial-{trial.number:04d}")
-        if here.is_dir():
-            return here
+        name = recorded.name or f"trial-{trial.number:04d}"
+        # Under this study's name; or, for a trial carried by `search widen`, under the study that ran it.
+        for study_name in (study.study_name, recorded.parent.name):
+            here = home / "studies" / study_name / name
+            if study_name and here.is_dir():
+                return here
     return recorded
 
 

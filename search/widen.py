@@ -11,6 +11,8 @@ reference. Anything else is refused, naming the trial, before the new study is m
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -110,3 +112,15 @@ def widen(source: optuna.Study, target: optuna.Study, space: space_mod.Space, co
                                         "space": source.user_attrs.get("definition", {}).get("space"),
                                         "trials": len(copies)})
     target.add_trials(copies)
+
+
+def carry_baselines(source_dir: Path, target_dir: Path) -> list[Path]:
+    """The reference's answers (baseline-KEY.json) the source study made, into the new study's folder:
+    the same reference on the same model, so the new study's first run does not serve it again."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    carried = []
+    for path in sorted(source_dir.glob("baseline-*.json")):
+        if not (target_dir / path.name).exists():
+            shutil.copy2(path, target_dir / path.name)
+            carried.append(target_dir / path.name)
+    return carried

@@ -132,8 +132,22 @@ def test_the_command_copies_once_and_a_refusal_leaves_no_study(narrow_study, tmp
     assert capsys.readouterr().err.startswith("error: trial 0 ran workload.max_tokens=8")
     assert optuna.get_all_study_names(url) == ["narrow"]
 
+    (tmp_path / "studies" / "narrow").mkdir(parents=True)
+    (tmp_path / "studies" / "narrow" / "baseline-0123.json").write_text('{"answers": []}')
     assert cli.main(["widen", *common, "--into", "wide", "--space", str(E2E_SPACE)]) == 0
-    assert "3 trials of narrow (complete 3) copied into wide" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "3 trials of narrow (complete 3) copied into wide" in said
+    # The reference's answers go with the trials: the new study's first run does not serve them again.
+    assert "the reference's answers (baseline-0123.json) were copied" in said
+    assert (tmp_path / "studies" / "wide" / "baseline-0123.json").read_text() == '{"answers": []}'
     assert cli.main(["widen", *common, "--into", "wide", "--space", str(E2E_SPACE)]) == 2
     assert "--into wide: that study exists already" in capsys.readouterr().err
     assert [t.state for t in study_mod.load_study("wide", url).trials] == [TrialState.COMPLETE] * 3
+
+
+def test_the_export_finds_a_carried_trials_folder_under_the_study_that_ran_it(tmp_path):
+    from search.export import trial_dir
+    ran_at = tmp_path / "home" / "studies" / "narrow" / "trial-0002"
+    ran_at.mkdir(parents=True)
+    trial = SimpleNamespace(number=2, user_attrs={"workdir": "/gpu-machine/product/studies/narrow/trial-0002"})
+    assert trial_dir(trial, SimpleNamespace(study_name="wide"), tmp_path / "home") == ran_at
