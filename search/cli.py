@@ -652,6 +652,7 @@ def cmd_export(args) -> int:
     from search import study as study_mod
     from search.export import export
     from search.figures import figures
+    study_mod.quiet_optuna()  # the figures' in-memory study would announce itself among the export's lines
     study = study_mod.load_study(args.study, storage_url)
     rows = export(study, args.out, args.trials, home=args.home.resolve())
     figures(study, args.out)
