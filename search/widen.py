@@ -1,8 +1,8 @@
 """A study carried into a wider space: its measured trials become the first trials of a new study.
 
 Optuna keeps a categorical's choices for the life of a study, so a space that must take more values
-(a serving setting the old one could not reach) is a new study; its trials, each an hour of GPU
-between them, need not be paid again. A trial is carried only where the new space would run exactly
+(a serving setting the old one could not reach) is a new study; the old one's trials, minutes of GPU
+each, need not be paid again. A trial is carried only where the new space would run exactly
 the configuration it measured: a sampled trial whose parameters the new space samples into that same
 configuration, a preset with the new space's fixed settings, the reference as the new space's
 reference. Anything else is refused, naming the trial, before the new study is made.
@@ -87,7 +87,8 @@ def carried_trials(source: optuna.Study, space: space_mod.Space) -> list[FrozenT
     for trial in trials:
         params = carried_params(space, trial)
         copies.append(FrozenTrial(
-            number=trial.number, trial_id=trial._trial_id, state=trial.state, value=None, values=trial.values,
+            # trial_id: any; the storage gives the copy its own
+            number=trial.number, trial_id=trial.number, state=trial.state, value=None, values=trial.values,
             datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete, params=params,
             distributions={name: distributions[name] for name in params}, user_attrs=trial.user_attrs,
             system_attrs=trial.system_attrs, intermediate_values=trial.intermediate_values))
