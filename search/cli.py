@@ -109,6 +109,24 @@ def _storage(args) -> str:
     return args.storage or f"sqlite:///{(args.home / 'optuna.db').resolve()}"
 
 
+def _pinned(space, pairs: list[str]):
+    """The space with run's --set KEY=VALUE pairs pinned, checked with its fixed settings (as every
+    trial and the baseline have them); a bad pair is one line naming --set."""
+    from search import config as cfg
+    from search import space as space_mod
+    overrides = _overrides(pairs)
+    if not overrides:
+        return space
+    space = space.pinned(overrides)
+    try:
+        cfg.build(space.fixed)
+        space.reference_config()
+    except cfg.ConfigError as exc:
+        raise cfg.ConfigError(f"--set: {exc}") from None
+    space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
+    return space
+
+
 def _overrides(pairs: list[str]) -> dict:
     """--set KEY=VALUE pairs -> {dotted key: YAML value}; the values are checked where they are used,
     against the settings they join."""
@@ -390,7 +408,6 @@ def cmd_run(args) -> int:
     fan_out = args.gpus is not None and fanout.WORKER_GPU_ENV not in os.environ
     gpus = fanout.choose(args.gpus, fanout.present_gpus()) if fan_out else []
     slos = parse_slos(args.slo)
-    from search import config as cfg
     from search import space as space_mod
     if os.environ.get("SEARCH_GPUS_FILE"):  # every trial's roofline reads it again
         from search.floor import check_gpus_file
@@ -400,16 +417,7 @@ def cmd_run(args) -> int:
         if gpu_spec(args.target_gpu) is None:
             raise ValueError(f"--target-gpu {args.target_gpu!r} matches no GPU in search/gpus.yaml "
                              "(or $SEARCH_GPUS_FILE); give its NVML name, e.g. 'NVIDIA L4'")
-    space = space_mod.load(args.space)
-    overrides = _overrides(args.set)
-    if overrides:
-        space = space.pinned(overrides)
-        try:  # with the space's fixed settings, as every trial has them, and as the baseline has them
-            cfg.build(space.fixed)
-            space.reference_config()
-        except cfg.ConfigError as exc:
-            raise cfg.ConfigError(f"--set: {exc}") from None
-        space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
+    space = _pinned(space_mod.load(args.space), args.set)
     presets_file = DEFAULT_PRESETS if args.warm_start in ("none", "seeds") else _existing(args.warm_start,
                                                                                            "--warm-start")
     presets = space_mod.load_presets(presets_file)
@@ -662,15 +670,13 @@ def cmd_export(args) -> int:
 
 
 def cmd_widen(args) -> int:
+    from collections import Counter
+
     import optuna
     from search import space as space_mod, study as study_mod
     from search.config import ConfigError
     from search.widen import carried_trials, carry_baselines, widen
-    if not args.space.is_file():
-        raise ConfigError(f"--space {args.space}: no such file")
-    space = space_mod.load(args.space)
-    if args.set:
-        space = space.pinned(_overrides(args.set))
+    space = _pinned(space_mod.load(args.space), args.set)
     if args.into == args.study:
         raise ConfigError("--into: a widened study is a new one: give another name than --study's")
     storage_url = _read_storage(args)
@@ -681,10 +687,8 @@ def cmd_widen(args) -> int:
     copies = carried_trials(source, space)
     widen(source, study_mod.open_study(args.into, storage_url, args.sampler), space, copies)
     home = args.home.resolve()
-    carried = carry_baselines(home / "studies" / args.study, home / "studies" / args.into)
-    states: dict[str, int] = {}
-    for trial in copies:
-        states[trial.state.name.lower()] = states.get(trial.state.name.lower(), 0) + 1
+    carried = carry_baselines(home / "studies" / args.study, study_mod.study_dir(home, args.into))
+    states = Counter(trial.state.name.lower() for trial in copies)
     print(f"{len(copies)} trials of {args.study} (" + ", ".join(f"{state} {n}" for state, n in states.items())
           + f") copied into {args.into} under {args.space}; go on with `python -m search run --study {args.into} "
           f"--space {args.space}" + "".join(f" --set {pair}" for pair in args.set)

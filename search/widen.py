@@ -118,7 +118,6 @@ def widen(source: optuna.Study, target: optuna.Study, space: space_mod.Space, co
 def carry_baselines(source_dir: Path, target_dir: Path) -> list[Path]:
     """The reference's answers (baseline-KEY.json) the source study made, into the new study's folder:
     the same reference on the same model, so the new study's first run does not serve it again."""
-    target_dir.mkdir(parents=True, exist_ok=True)
     carried = []
     for path in sorted(source_dir.glob("baseline-*.json")):
         if not (target_dir / path.name).exists():
