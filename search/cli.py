@@ -109,12 +109,11 @@ def _storage(args) -> str:
     return args.storage or f"sqlite:///{(args.home / 'optuna.db').resolve()}"
 
 
-def _pinned(space, pairs: list[str]):
-    """The space with run's --set KEY=VALUE pairs pinned, checked with its fixed settings (as every
-    trial and the baseline have them); a bad pair is one line naming --set."""
+def _pinned(space, overrides: dict):
+    """The space with run's --set pairs (`_overrides`' answer) pinned, checked with its fixed settings
+    (as every trial and the baseline have them); a bad pair is one line naming --set."""
     from search import config as cfg
     from search import space as space_mod
-    overrides = _overrides(pairs)
     if not overrides:
         return space
     space = space.pinned(overrides)
@@ -125,6 +124,16 @@ def _pinned(space, pairs: list[str]):
         raise cfg.ConfigError(f"--set: {exc}") from None
     space_mod.check_tasks("--set", overrides.get("workload.tasks") or [])
     return space
+
+
+def _set_flags(pinned: dict) -> str:
+    """The --set flags that pin `pinned` again (YAML flow style reads back as _overrides parsed it)."""
+    import shlex
+
+    import yaml
+    def flow(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    return "".join(f" --set {shlex.quote(f'{key}={flow(value)}')}" for key, value in pinned.items())
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -417,7 +426,8 @@ def cmd_run(args) -> int:
         if gpu_spec(args.target_gpu) is None:
             raise ValueError(f"--target-gpu {args.target_gpu!r} matches no GPU in search/gpus.yaml "
                              "(or $SEARCH_GPUS_FILE); give its NVML name, e.g. 'NVIDIA L4'")
-    space = _pinned(space_mod.load(args.space), args.set)
+    pinned = _overrides(args.set)
+    space = _pinned(space_mod.load(args.space), pinned)
     presets_file = DEFAULT_PRESETS if args.warm_start in ("none", "seeds") else _existing(args.warm_start,
                                                                                            "--warm-start")
     presets = space_mod.load_presets(presets_file)
@@ -458,17 +468,17 @@ def cmd_run(args) -> int:
     from search.summaries import PRESETS_OUTSIDE_SPACE
     study_mod.quiet_optuna()
     study = study_mod.open_study(args.study, storage_url, args.sampler, args.seed, args.heartbeat)
-    if args.warm_start != "none":  # status and export set the search against them; a resume without presets keeps them
-        study.set_user_attr(PRESETS_OUTSIDE_SPACE, outside_space)
     definition = {"space": space.digest(), "model": model_name, "sampler": args.sampler,
                   "directions": study_mod.directions_for(args.sampler), "gate": args.gate,
                   "gate_use": args.gate_use, "per_task_min": args.per_task_min, "slo": slos,
-                  "energy_source": energy.machine_source()}
+                  "energy_source": energy.machine_source(), "pinned": pinned}
     traffic = space.reference_config().workload.traffic
     if traffic:  # the replayed requests are the job: another file's content is another study
         from search.traffic import digest
         definition["traffic"] = digest(traffic)
     study_mod.check_definition(study, definition)
+    if args.warm_start != "none":  # status and export set the search against them; a resume without presets keeps them
+        study.set_user_attr(PRESETS_OUTSIDE_SPACE, outside_space)
     study.set_user_attr("model", model_name)
     study.set_user_attr("gate_threshold", args.gate)
     model = resolve_model(model_name, args.home, args.serve_python, args.compress_python)
@@ -608,6 +618,9 @@ def cmd_status(args) -> int:
     counts = summary["counts"]
     print(f"study {summary['study']}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"job: {summary['job'] or 'not recorded (a study from before jobs were named)'}")
+    pinned = study.user_attrs.get("definition", {}).get("pinned")
+    if pinned:  # a resume (or a widen) repeats them: another --set is another study
+        print(f"its runs pinned:{_set_flags(pinned)}")
     if summary["duplicates"]:
         print(f"{summary['duplicates']} of the complete trials proposed a configuration measured already: answered "
               "from that measurement, not served again")
@@ -676,12 +689,18 @@ def cmd_widen(args) -> int:
     from search import space as space_mod, study as study_mod
     from search.config import ConfigError
     from search.widen import carried_trials, carry_baselines, widen
-    space = _pinned(space_mod.load(args.space), args.set)
+    pinned = _overrides(args.set)
+    wider = space_mod.load(args.space)
+    if args.set:
+        _pinned(wider, pinned)  # a bad --set is refused before the storage is opened
     if args.into == args.study:
         raise ConfigError("--into: a widened study is a new one: give another name than --study's")
     storage_url = _read_storage(args)
     study_mod.quiet_optuna()
     source = study_mod.load_study(args.study, storage_url)
+    if not args.set:  # the --sets the study's runs recorded (runs from before they were recorded: none)
+        pinned = source.user_attrs.get("definition", {}).get("pinned", {})
+    space = _pinned(wider, pinned)
     if args.into in optuna.get_all_study_names(storage_url):
         raise ConfigError(f"--into {args.into}: that study exists already; widen into a new study name")
     copies = carried_trials(source, space)
@@ -691,7 +710,7 @@ def cmd_widen(args) -> int:
     states = Counter(trial.state.name.lower() for trial in copies)
     print(f"{len(copies)} trials of {args.study} (" + ", ".join(f"{state} {n}" for state, n in states.items())
           + f") copied into {args.into} under {args.space}; go on with `python -m search run --study {args.into} "
-          f"--space {args.space}" + "".join(f" --set {pair}" for pair in args.set)
+          f"--space {args.space}" + _set_flags(pinned)
           + f"`. Their MLflow runs stay in {args.study}'s experiment"
           + (f"; the reference's answers ({', '.join(p.name for p in carried)}) were copied beside them." if carried
              else "."))

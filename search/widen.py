@@ -25,8 +25,9 @@ from search.summaries import PRESETS_OUTSIDE_SPACE
 
 WIDENED_FROM = "widened_from"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# The definition's keys that describe the space, not the job: the first run of the new study sets them again.
-_SPACE_KEYS = ("space", "choices_here")
+# The definition's keys that describe the space (and the --sets pinning it), not the job: the first run of
+# the new study sets them again.
+_SPACE_KEYS = ("space", "choices_here", "pinned")
 
 
 def _plain(value: Any) -> Any:

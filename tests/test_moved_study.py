@@ -37,6 +37,8 @@ def test_a_study_replaying_traffic_is_moved_and_still_read_exported_and_reviewed
            "--serve-python", serve_python, "--compress-python", main_python)
     original = caller / "home"
     study = optuna.load_study(study_name="moved", storage=f"sqlite:///{original / 'optuna.db'}")
+    # The run's --set is part of what defines the study: a resume must repeat it, and status names it.
+    assert study.user_attrs["definition"]["pinned"] == {"workload.traffic": "objectives/traffic/example.jsonl"}
     reference = study.trials[0]
     assert reference.state == optuna.trial.TrialState.COMPLETE, reference.user_attrs.get("reason")
     # The measured window replayed the file: one request a line, each within its line's cap.

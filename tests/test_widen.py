@@ -151,3 +151,30 @@ def test_the_export_finds_a_carried_trials_folder_under_the_study_that_ran_it(tm
     ran_at.mkdir(parents=True)
     trial = SimpleNamespace(number=2, user_attrs={"workdir": "/gpu-machine/product/studies/narrow/trial-0002"})
     assert trial_dir(trial, SimpleNamespace(study_name="wide"), tmp_path / "home") == ran_at
+
+
+def test_the_sets_a_studys_runs_pinned_are_recorded_named_by_a_refused_resume_and_repeated_by_widen(
+        tmp_path, served, capsys):
+    import sys
+    pinned = {"workload.max_tokens": 16}  # the space fixes 8
+    narrow = space_mod.load(space_file(tmp_path, "narrow", **{"workload.verbosity": {"choices": ["model"]}}))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = study_mod.open_study("pinned", url)
+    study.set_user_attr("definition", {"space": narrow.pinned(pinned).digest(), "pinned": pinned})
+    run_trials(study, narrow.pinned(pinned), tmp_path, {}, 1)
+    common = ["--home", str(tmp_path), "--study", "pinned"]
+
+    pythons = ["--serve-python", sys.executable, "--compress-python", sys.executable]
+    assert cli.main(["run", *common, "--space", str(E2E_SPACE), "--set", "workload.max_tokens=32",
+                     "--warm-start", "none", *pythons]) == 2
+    assert "pinned {'workload.max_tokens': 16} -> {'workload.max_tokens': 32}" in capsys.readouterr().err
+
+    assert cli.main(["status", *common]) == 0
+    assert "its runs pinned: --set workload.max_tokens=16" in capsys.readouterr().out
+
+    # No --set given: the recorded ones are the trials' (without them the reference, run at 16, is refused).
+    assert cli.main(["widen", *common, "--into", "wide", "--space", str(E2E_SPACE)]) == 0
+    said = capsys.readouterr().out
+    assert f"--study wide --space {E2E_SPACE} --set workload.max_tokens=16`" in said
+    # The new study's first run records its own (checked there against the trials' configurations).
+    assert "pinned" not in study_mod.load_study("wide", url).user_attrs["definition"]
