@@ -384,20 +384,28 @@ def resolve_model(model: str, home: Path, serve_python: str, compress_python: st
     raise ValueError(f"model path does not exist: {model}")
 
 
-def available_here(space, platform):
+def available_here(space, platform, study):
     """The space without the choices this machine and serving build cannot run, told once, a line
-    each; a reference configuration that cannot run here is refused."""
+    each; a reference configuration that cannot run here is refused. Optuna fixes a categorical's
+    choices for a study's life: a choice the study holds and never measured stays (a trial drawing it
+    is recorded infeasible before any work); one it measured elsewhere goes, and the resume is refused."""
     from search.config import ConfigError, Infeasible
     from search.feasibility import check
+    from search.summaries import measured
     try:
         check(space.reference_config(), platform)
     except Infeasible as exc:
         raise ConfigError(f"{space.path}: the reference configuration cannot run here: {exc}") from None
     unavailable = space.unavailable_choices(lambda config: check(config, platform))
+    held = study.user_attrs.get("definition", {}).get("choices_here", {})
+    ran = [trial.user_attrs.get("config", {}) for trial in measured(study)]
+    kept = [(name, choice, reason) for name, choice, reason in unavailable
+            if choice in held.get(name, []) and all(config.get(name) != choice for config in ran)]
     lines = [f"{name}={choice}: {reason}" for name, choice, reason in unavailable]
-    for line in lines:
-        print(f"unavailable here: {line}", file=sys.stderr)
-    return space.without(unavailable), lines
+    for line, entry in zip(lines, unavailable):
+        print(f"unavailable here: {line}" + ("  (kept in this study's choices: a trial drawing it is recorded "
+                                             "infeasible)" if entry in kept else ""), file=sys.stderr)
+    return space.without([entry for entry in unavailable if entry not in kept]), lines
 
 
 class ReferenceFailed(SearchError, RuntimeError):
@@ -497,7 +505,7 @@ def cmd_run(args) -> int:
 
     home = args.home.resolve()
     platform = feasibility.probe(args.serve_python, args.compress_python, home / "cache")
-    space, unavailable = available_here(space, platform)
+    space, unavailable = available_here(space, platform, study)
     # Optuna cannot change a categorical's choices within a study: one resumed where other choices
     # run (another CPU kind, another GPU) is refused.
     study_mod.check_definition(study, {"choices_here": {p.name: list(p.choices) for p in space.params

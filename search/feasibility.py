@@ -144,6 +144,11 @@ def check(config: TrialConfig, platform: Platform, family: ModelFamily = DEFAULT
             raise Infeasible(f"an FP8 KV cache needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}")
         if scheme == "nvfp4a16" and cap < (10, 0):
             raise Infeasible(f"NVFP4 needs a Blackwell GPU (capability >= 10.0), this GPU has {cap[0]}.{cap[1]}")
+        if kv == "fp8_e5m2" and config.serve.attention_backend == "TRITON_ATTN":
+            # vLLM's Attention sets up FP8 query quantization for any FP8 KV cache on this backend, then
+            # asserts fp8/fp8_e4m3 in forward (0.26.0, as 0.32.0): trial 20 of l4-twin-v4-h100.
+            raise Infeasible("vLLM's Triton attention on a GPU quantizes queries for an FP8 KV cache and accepts "
+                             "fp8 or fp8_e4m3 only: fp8_e5m2 fails as the engine starts")
     _check_memory_budget(config, platform)
     family.check_serving(config, platform)
     if config.compress.method == "awq" and scheme == "w4a16" and platform.compress_device == "cpu":

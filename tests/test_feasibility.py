@@ -161,3 +161,38 @@ def test_the_l4_space_runs_within_an_l4_s_memory_on_any_gpu_and_is_refused_on_a_
         feasibility.check(reference, feasibility.Platform("cuda", gpu, (8, 9), "0.26.0", "0.14.0.1", "cuda", None,
                                                           gpu_memory_gib=memory))
     assert "nvfp4a16" not in next(p for p in l4_space.params if p.name == "compress.scheme").choices
+
+
+def test_an_fp8_e5m2_kv_cache_cannot_start_under_triton_attention_on_a_gpu():
+    hopper = feasibility.Platform("cuda", "NVIDIA H100 80GB HBM3", (9, 0), "0.26.0", "0.14.0.1", "cuda", None)
+    triton = {"serve.attention_backend": "TRITON_ATTN"}
+    with pytest.raises(Infeasible, match="accepts fp8 or fp8_e4m3 only: fp8_e5m2 fails as the engine starts"):
+        feasibility.check(cfg.build({**triton, "serve.kv_cache_dtype": "fp8_e5m2"}), hopper)
+    feasibility.check(cfg.build({**triton, "serve.kv_cache_dtype": "fp8_e4m3"}), hopper)
+    feasibility.check(cfg.build({"serve.kv_cache_dtype": "fp8_e5m2"}), hopper)  # another backend: not this rule
+
+
+def test_a_resumed_study_keeps_a_choice_a_new_rule_rejects_only_where_it_never_measured_it(tmp_path):
+    import optuna
+
+    from search import cli
+    from search import study as study_mod
+    l4 = space.load(PROJECT / "spaces" / "gemma4-e4b-l4.yaml").pinned({"serve.attention_backend": "TRITON_ATTN"})
+    hopper = feasibility.Platform("cuda", "NVIDIA H100 80GB HBM3", (9, 0), "0.26.0", "0.14.0.1", "cuda", None,
+                                  gpu_memory_gib=79.6)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def kv_choices(study):
+        runnable, _ = cli.available_here(l4, hopper, study)
+        return next(p.choices for p in runnable.params if p.name == "serve.kv_cache_dtype")
+
+    assert kv_choices(study_mod.open_study("new", url)) == ("auto", "fp8_e4m3")
+    # Begun before the rule (its failed trial measured nothing): Optuna's choices stay, the check answers the trial.
+    resumed = study_mod.open_study("resumed", url)
+    resumed.set_user_attr("definition", {"choices_here": {"serve.kv_cache_dtype": ["auto", "fp8_e4m3", "fp8_e5m2"]}})
+    resumed.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                                user_attrs={"config": {"serve.kv_cache_dtype": "fp8_e5m2"}}))
+    assert kv_choices(resumed) == ("auto", "fp8_e4m3", "fp8_e5m2")
+    # Measured on a machine where it ran: its trials would not compare, so the choice goes (and the resume is refused).
+    resumed.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"config": {"serve.kv_cache_dtype": "fp8_e5m2"}}))
+    assert kv_choices(resumed) == ("auto", "fp8_e4m3")

@@ -57,12 +57,15 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
      rm -rf "$OUTDIR/product-export" && env "$orch" python3 -m search export --home /tmp/product --study "$study" \
        --out "$OUTDIR/product-export" >> "$OUT/product-status.txt" 2>&1)
     # the baseline files are large: they travel in baseline.tgz below
-    tar -czf "$OUT/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
+    tar -czf "$OUTDIR/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
       --exclude='baseline-*' -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
-    if [ "$(stat -c %s "$OUT/product-study.tgz")" -gt 15000000 ]; then  # $OUT takes 16 MiB a file
-      tar -czf "$OUT/product-study.tgz" -C /tmp product/optuna.db product/mlflow.db -C "$OUTDIR" product-export
+    local ssize; ssize=$(stat -c %s "$OUTDIR/product-study.tgz")
+    if [ "$ssize" -le 15000000 ]; then  # $OUT takes 16 MiB a file
+      cp "$OUTDIR/product-study.tgz" "$OUT/"; echo "product-study.tgz: $ssize bytes"
+    else  # every record comes back, in pieces of 15 MB (bench/gpu/merge_study.sh joins them)
+      split -b 15000000 -d -a 2 "$OUTDIR/product-study.tgz" "$OUT/product-study.tgz."
+      echo "product-study.tgz: $ssize bytes in $(ls "$OUT"/product-study.tgz.* | wc -l) pieces"
     fi
-    echo "product-study.tgz: $(stat -c %s "$OUT/product-study.tgz") bytes"
     # $OUT brings back 8 files, 64 MiB together: keep a slot for server-logs.txt and 2 MB of margin
     fits() {  # fits FILES BYTES: would FILES more files of BYTES together still come back?
       local n b reserve=0
