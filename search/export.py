@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from search.config import ConfigError, TrialConfig, build, flatten
-from search.summaries import measured, versus_presets
+from search.summaries import DUPLICATE_OF, measured, versus_presets
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Machine-local caches a study's servers are pointed at: not part of a deployment's environment.
@@ -260,7 +260,10 @@ def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         metrics = t.user_attrs.get("metrics", {})
-        head = (t.number, t.state.name, t.user_attrs.get("preset") or "sampled", t.values[0] if t.values else None,
+        origin = t.user_attrs.get("preset") or "sampled"
+        if DUPLICATE_OF in t.user_attrs:  # its price is that trial's measurement, not a second one
+            origin += f", answered from trial {t.user_attrs[DUPLICATE_OF]}"
+        head = (t.number, t.state.name, origin, t.values[0] if t.values else None,
                 t.user_attrs.get("feasible"), metrics.get("recovery_mean"))
         rows.append({**dict(zip(_TABLE_HEAD, head)),
                      **{k: v for k, v in metrics.items() if k.startswith("time_")},

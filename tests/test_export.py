@@ -15,7 +15,7 @@ from search.config import ConfigError
 from search.export import PROJECT, Point, export, pareto_front
 from search.figures import figures
 from search.serve import vllm_config
-from search.summaries import PRESETS_OUTSIDE_SPACE
+from search.summaries import DUPLICATE_OF, PRESETS_OUTSIDE_SPACE
 
 
 def test_pareto_front_hand_computed():
@@ -66,6 +66,9 @@ def test_the_export_tables_every_trial_with_its_stages_and_the_reason_one_failed
     failed = study.ask()
     failed.set_user_attr("reason", "CompressionFailed: No space left on device")
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    again = study.ask()
+    again.set_user_attr(DUPLICATE_OF, 0)
+    study.tell(again, 24.78)
     export(study, tmp_path / "out")
     with open(tmp_path / "out" / "trials.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -74,6 +77,7 @@ def test_the_export_tables_every_trial_with_its_stages_and_the_reason_one_failed
     assert (rows[0]["origin"], rows[0]["energy_j_per_request"], rows[0]["time_serve_s"]) == ("reference", "24.78", "51.2")
     assert (rows[1]["state"], rows[1]["origin"], rows[1]["energy_j_per_request"]) == ("FAIL", "sampled", "")
     assert rows[1]["reason"] == "CompressionFailed: No space left on device"
+    assert (rows[2]["origin"], rows[2]["energy_j_per_request"]) == ("sampled, answered from trial 0", "24.78")
 
 
 def test_an_export_under_a_memory_budget_pins_the_kv_cache_it_had_not_the_hosts_share(tmp_path):
