@@ -507,7 +507,7 @@ def cmd_run(args) -> int:
     platform = feasibility.probe(args.serve_python, args.compress_python, home / "cache")
     space, unavailable = available_here(space, platform, study)
     # Optuna cannot change a categorical's choices within a study: one resumed where other choices
-    # run (another CPU kind, another GPU) is refused.
+    # run (another CPU kind, another GPU, a choice it measured that cannot run here) is refused.
     study_mod.check_definition(study, {"choices_here": {p.name: list(p.choices) for p in space.params
                                                         if p.choices is not None}})
     study.set_user_attr("unavailable_here", unavailable)
