@@ -12,7 +12,8 @@
 #                        links): ~0.45 MB a trial, never carried (slim_tree.sh holds it out)
 # Each PACK is a product-study.tgz a `wait` call returned (a piece .00 stands for its .01, .02, ...
 # beside it), or any tar.gz of /tmp/product files; later packs win, so give them oldest first.
-# Refused, and nothing written, if a file the folder held would be lost.
+# Unpacking only adds and replaces files (the export excepted, replaced whole by a newer one), so every
+# record the folder held stays.
 set -euo pipefail
 dir=${1:?usage: merge_study.sh bench/results/<study folder> PACK [PACK ...]}; shift
 [ $# -gt 0 ] || { echo "merge_study: give at least one PACK" >&2; exit 2; }
@@ -22,8 +23,6 @@ trap 'rm -rf "$work"' EXIT
 mkdir "$work/tree"
 tar -xzf "$dir/product-study.tgz" -C "$work/tree"
 [ -f "$dir/product-answers.tgz" ] && tar -xzf "$dir/product-answers.tgz" -C "$work/tree"
-records() { (cd "$work/tree" && find . -type f ! -path './product-export/*' | sort); }
-records > "$work/before"
 for pack in "$@"; do
   case "$pack" in
     *.tgz.00) cat "${pack%.00}".[0-9][0-9] > "$work/pack.tgz" ;;
@@ -33,9 +32,6 @@ for pack in "$@"; do
   if tar -tzf "$work/pack.tgz" | grep '^product-export/' > /dev/null; then rm -rf "$work/tree/product-export"; fi
   tar -xzf "$work/pack.tgz" -C "$work/tree"
 done
-records > "$work/after"
-lost=$(comm -23 "$work/before" "$work/after")
-[ -z "$lost" ] || { echo "merge_study: these would be lost: $lost" >&2; exit 1; }
 # An answers file and its MLflow copy are the same bytes: one of them is stored (hardlink is
 # util-linux's; by content alone, as the two were written at different times; without it the pack is
 # larger, not wrong).
@@ -44,5 +40,5 @@ command -v hardlink > /dev/null && hardlink -q --content "$work/tree" > /dev/nul
  tar -czf "$work/product-answers.tgz" -T "$work/answers"
  tar -czf "$work/product-study.tgz" --exclude=answers.jsonl product $(ls -d product-export 2>/dev/null))
 mv "$work/product-study.tgz" "$work/product-answers.tgz" "$dir/"
-echo "merge_study: $(grep -c /trial- "$work/after" || true) files in trial folders, $(wc -l < "$work/answers") answers files;" \
+echo "merge_study: $(find "$work/tree/product" -type f -path '*/trial-*' | wc -l) files in trial folders, $(wc -l < "$work/answers") answers files;" \
   "product-study.tgz $(stat -c %s "$dir/product-study.tgz") bytes, product-answers.tgz $(stat -c %s "$dir/product-answers.tgz") bytes"
