@@ -698,9 +698,7 @@ def cmd_widen(args) -> int:
     from search.config import ConfigError
     from search.widen import carried_trials, carry_baselines, widen
     pinned = _overrides(args.set)
-    wider = space_mod.load(args.space)
-    if args.set:
-        _pinned(wider, pinned)  # a bad --set is refused before the storage is opened
+    space = _pinned(space_mod.load(args.space), pinned)  # a bad --set is refused before the storage is opened
     if args.into == args.study:
         raise ConfigError("--into: a widened study is a new one: give another name than --study's")
     storage_url = _read_storage(args)
@@ -708,7 +706,7 @@ def cmd_widen(args) -> int:
     source = study_mod.load_study(args.study, storage_url)
     if not args.set:  # the --sets the study's runs recorded (runs from before they were recorded: none)
         pinned = source.user_attrs.get("definition", {}).get("pinned", {})
-    space = _pinned(wider, pinned)
+        space = _pinned(space, pinned)
     if args.into in optuna.get_all_study_names(storage_url):
         raise ConfigError(f"--into {args.into}: that study exists already; widen into a new study name")
     copies = carried_trials(source, space)

@@ -5,10 +5,13 @@ reason a dead engine leaves in its log."""
 import dataclasses
 from pathlib import Path
 
+import optuna
 import pytest
 
+from search import cli
 from search import config as cfg
 from search import feasibility, space
+from search import study as study_mod
 from search.config import Infeasible
 from search.serve import failure_reason, logged_exception
 
@@ -173,10 +176,6 @@ def test_an_fp8_e5m2_kv_cache_cannot_start_under_triton_attention_on_a_gpu():
 
 
 def test_a_resumed_study_keeps_a_choice_a_new_rule_rejects_only_where_it_never_measured_it(tmp_path):
-    import optuna
-
-    from search import cli
-    from search import study as study_mod
     l4 = space.load(PROJECT / "spaces" / "gemma4-e4b-l4.yaml").pinned({"serve.attention_backend": "TRITON_ATTN"})
     hopper = feasibility.Platform("cuda", "NVIDIA H100 80GB HBM3", (9, 0), "0.26.0", "0.14.0.1", "cuda", None,
                                   gpu_memory_gib=79.6)

@@ -2,6 +2,7 @@
 with the trial pipeline replaced by a stub (it is not the subject), SQLite Optuna studies, no server."""
 
 import io
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,7 +156,6 @@ def test_the_export_finds_a_carried_trials_folder_under_the_study_that_ran_it(tm
 
 def test_the_sets_a_studys_runs_pinned_are_recorded_named_by_a_refused_resume_and_repeated_by_widen(
         tmp_path, served, capsys):
-    import sys
     pinned = {"workload.max_tokens": 16}  # the space fixes 8
     narrow = space_mod.load(space_file(tmp_path, "narrow", **{"workload.verbosity": {"choices": ["model"]}}))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"

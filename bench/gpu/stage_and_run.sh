@@ -39,6 +39,33 @@ CODE=/tmp/bench-code
 mkdir -p "$S" "$OUTDIR"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
+# $OUT brings back 8 files, 64 MiB together: keep a slot for server-logs.txt and 2 MB of margin
+fits() {  # fits FILES BYTES: would FILES more files of BYTES together still come back?
+  local n b reserve=0
+  [ -d "$OUTDIR/server-logs" ] && [ ! -f "$OUT/server-logs.txt" ] && reserve=1
+  n=$(find "$OUT" -type f | wc -l)
+  b=$(find "$OUT" -type f -print0 | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+  [ $((n + $1 + reserve)) -le 8 ] && [ $((${b:-0} + $2)) -le 62000000 ]
+}
+
+send_back() {  # FILE: into $OUT whole, or (over the 16 MiB $OUT takes a file) as 15 MB pieces FILE.NN,
+  # each only where it still fits
+  local file=$1 name size pieces part psize
+  name=$(basename "$file"); size=$(stat -c %s "$file")
+  if [ "$size" -le 15000000 ]; then
+    if fits 1 "$size"; then cp "$file" "$OUT/"; echo "$name: $size bytes"
+    else echo "$name not brought back: $size bytes, over what \$OUT takes"; fi
+    return 0
+  fi
+  pieces="$OUTDIR/$name-pieces"
+  rm -rf "$pieces" && mkdir -p "$pieces" && split -b 15000000 -d -a 2 "$file" "$pieces/$name."
+  for part in "$pieces/$name".*; do
+    psize=$(stat -c %s "$part")
+    if fits 1 "$psize"; then cp "$part" "$OUT/"; echo "$(basename "$part"): $psize bytes ($name is $size)"
+    else echo "$(basename "$part") not brought back: $psize bytes, over what \$OUT takes"; fi
+  done
+}
+
 collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a product run 5)
   [ -n "${OUT:-}" ] || return 0
   for f in results.md results.jsonl env.json driver.log compress.log product.log; do
@@ -59,41 +86,14 @@ collect() {  # results back through $OUT (at most 8 files: a drive returns 7, a 
     # the baseline files are large: they travel in baseline.tgz below
     tar -czf "$OUTDIR/product-study.tgz" --exclude=cache --exclude=data --exclude=models --exclude="*.png" \
       --exclude='baseline-*' -C /tmp product -C "$OUTDIR" product-export 2>/dev/null
-    local ssize; ssize=$(stat -c %s "$OUTDIR/product-study.tgz")
-    if [ "$ssize" -le 15000000 ]; then  # $OUT takes 16 MiB a file
-      cp "$OUTDIR/product-study.tgz" "$OUT/"; echo "product-study.tgz: $ssize bytes"
-    else  # every record comes back, in pieces of 15 MB (bench/gpu/merge_study.sh joins them)
-      split -b 15000000 -d -a 2 "$OUTDIR/product-study.tgz" "$OUT/product-study.tgz."
-      echo "product-study.tgz: $ssize bytes in $(ls "$OUT"/product-study.tgz.* | wc -l) pieces"
-    fi
-    # $OUT brings back 8 files, 64 MiB together: keep a slot for server-logs.txt and 2 MB of margin
-    fits() {  # fits FILES BYTES: would FILES more files of BYTES together still come back?
-      local n b reserve=0
-      [ -d "$OUTDIR/server-logs" ] && [ ! -f "$OUT/server-logs.txt" ] && reserve=1
-      n=$(find "$OUT" -type f | wc -l)
-      b=$(find "$OUT" -type f -print0 | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-      [ $((n + $1 + reserve)) -le 8 ] && [ $((${b:-0} + $2)) -le 62000000 ]
-    }
+    send_back "$OUTDIR/product-study.tgz"  # pieces, if any, are joined by bench/gpu/merge_study.sh
     # the baseline: a study without its baseline cannot be compared
     local baseline; baseline=$(cd /tmp && ls product/studies/*/baseline-*.json 2>/dev/null)
     if [ -n "$baseline" ]; then
       # packed again only when a baseline file changed (it is made once a study, ~27 MB of answers)
       [ -f "$OUTDIR/baseline.tgz" ] && [ -z "$(cd /tmp && find $baseline -newer "$OUTDIR/baseline.tgz")" ] \
         || tar -czf "$OUTDIR/baseline.tgz" -C /tmp $baseline
-      local bsize; bsize=$(stat -c %s "$OUTDIR/baseline.tgz")
-      if [ "$bsize" -le 15000000 ]; then
-        if fits 1 "$bsize"; then cp "$OUTDIR/baseline.tgz" "$OUT/"; echo "baseline.tgz: $bsize bytes"
-        else echo "baseline not brought back: $bsize bytes, over what \$OUT takes"; fi
-      else  # pieces of 15 MB, as many as fit (cat baseline.tgz.* to join them)
-        rm -rf "$OUTDIR/baseline-parts" && mkdir -p "$OUTDIR/baseline-parts"
-        split -b 15000000 -d -a 2 "$OUTDIR/baseline.tgz" "$OUTDIR/baseline-parts/baseline.tgz."
-        local part psize
-        for part in "$OUTDIR"/baseline-parts/baseline.tgz.*; do
-          psize=$(stat -c %s "$part")
-          if fits 1 "$psize"; then cp "$part" "$OUT/"; echo "$(basename "$part"): $psize bytes (baseline.tgz is $bsize)"
-          else echo "$(basename "$part") not brought back: $psize bytes, over what \$OUT takes"; fi
-        done
-      fi
+      send_back "$OUTDIR/baseline.tgz"  # pieces joined with cat baseline.tgz.*
     fi
   fi
   if [ -d "$OUTDIR/server-logs" ]; then
