@@ -40,7 +40,7 @@ from search import trial as trial_mod
 from search.progress import Progress
 from search.redaction import redact
 from search.summaries import (RECOVERY_GATE, RUNS_HERE, best_feasible, constraints_of, counts, finished,
-                              set_constraints, study_bill, versus_presets)
+                              is_duplicate, is_infeasible, set_constraints, study_bill, versus_presets)
 from search.track import Tracker, TrackingFailed
 from search.errors import SearchError
 from search.retries import after_pauses
@@ -485,10 +485,10 @@ def optimize_until(study: optuna.Study, objective, options: RunOptions) -> str |
 
 def typical_trial_s(study: optuna.Study) -> float | None:
     """The median wall time of the study's trials that ran to an end (complete or pruned), those answered
-    from an earlier measurement left out (they take no time); None before any."""
+    from an earlier measurement or refused as infeasible left out (they take no time); None before any."""
     took = [t.duration.total_seconds()
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.duration and dedupe.DUPLICATE_OF not in t.user_attrs]
+            if t.duration and not is_duplicate(t) and not is_infeasible(t)]
     return statistics.median(took) if took else None
 
 

@@ -410,6 +410,7 @@ def test_timeout_starts_no_trial_the_studys_median_trial_would_not_finish_before
     for seconds in (100, 300):
         study.add_trial(_ran_for(seconds))
     study.add_trial(_ran_for(0.1, duplicate_of=1))  # answered from trial 1's measurement: no trial's length
+    study.add_trial(_ran_for(0.2, infeasible=True))  # refused before any work: no trial's length either
     assert study_mod.typical_trial_s(study) == 200
     ran = []
 
@@ -420,8 +421,8 @@ def test_timeout_starts_no_trial_the_studys_median_trial_would_not_finish_before
     stopped = study_mod.optimize_until(study, objective, study_mod.RunOptions(10, 150.0, "none", {}, storage_url=url))
     assert ran == [] and re.fullmatch(r"--timeout: 1[45]\d s left, and this study's median trial takes 200 s", stopped)
     # With time for one: the quick trial lowers the median and more start, up to --trials.
-    options = study_mod.RunOptions(5, 250.0, "none", {}, storage_url=url)
-    assert study_mod.optimize_until(study, objective, options) is None and ran == [3, 4]
+    options = study_mod.RunOptions(6, 250.0, "none", {}, storage_url=url)
+    assert study_mod.optimize_until(study, objective, options) is None and ran == [4, 5]
 
 
 def test_a_changed_model_is_refused_naming_the_files_that_differ(tmp_path):

@@ -28,8 +28,9 @@
 #   bash bench/gpu/stage_and_run.sh stop
 #       SIGTERM to the run (its running trial is recorded as failed, retried next run), then as wait.
 #   bash bench/gpu/stage_and_run.sh cache GROUP
-#       After the run ended: vLLM's compile cache, 4 pieces of 15 MB a call (GROUP 0, 1, ...; 0 packs it,
-#       its newest compiles up to CACHE_CAP_MIB on disk, default 1024).
+#       After the run ended: vLLM's compile cache, pieces of 15 MB, up to 4 a call where they fit beside
+#       what the call sent first (GROUP 0, 1, ...; 0 packs it, its newest compiles up to CACHE_CAP_MIB on
+#       disk, default 1024; later groups send the pieces not sent yet).
 #
 # pip install --no-index --no-deps --target: nothing is resolved or fetched there.
 set -uo pipefail
@@ -114,7 +115,7 @@ stop() {  # SIGTERM to the run: its running trial is recorded as failed and retr
   collect
 }
 
-bring_cache() {  # GROUP: vLLM's compile cache, packed once when GROUP is 0, then 4 pieces of 15 MB a call
+bring_cache() {  # GROUP: vLLM's compile cache, packed once when GROUP is 0, then pieces of 15 MB, up to 4 a call
   # (a 7-trial study's cache packs to ~206 MB: more than $OUT takes in one call; the run's `wait` calls
   # no longer pack it, which cost each of them ~20 s of device time). Join the pieces with cat.
   local group=${1:-0} pieces="$OUTDIR/cache-pieces" piece
@@ -139,9 +140,17 @@ bring_cache() {  # GROUP: vLLM's compile cache, packed once when GROUP is 0, the
       "$left older ones left out; $(cat "$pieces"/* | wc -c) bytes packed in $(ls "$pieces" | wc -l) pieces," \
       "sha256 $(cat "$pieces"/* | sha256sum | cut -d' ' -f1)"
   fi
-  local all=("$pieces"/compile-cache.tgz.*) first=$((group * 4))
-  for piece in "${all[@]:first:4}"; do cp "$piece" "$OUT/"; echo "$(basename "$piece"): $(stat -c %s "$piece") bytes"; done
-  if [ $((first + 4)) -ge ${#all[@]} ]; then echo "== last group: every piece is back"; else echo "== next: cache $((group + 1))"; fi
+  # As many as $OUT still takes beside what this call put there first: on 2026-12-08 a `stop` before
+  # it packed the study, four pieces beside that passed the 64 MiB, and the study's pack was left out.
+  local sent=0
+  mkdir -p "$pieces/sent"
+  for piece in "$pieces"/compile-cache.tgz.*; do
+    [ -f "$piece" ] && [ "$sent" -lt 4 ] && fits 1 "$(stat -c %s "$piece")" || break
+    echo "$(basename "$piece"): $(stat -c %s "$piece") bytes"
+    cp "$piece" "$OUT/" && mv "$piece" "$pieces/sent/" && sent=$((sent + 1))
+  done
+  if ! compgen -G "$pieces/compile-cache.tgz.*" > /dev/null; then echo "== last group: every piece is back"
+  else echo "== $sent piece(s) this call; next: cache $((group + 1))"; fi
 }
 
 driver_running() { [ -f "$S/driver.pid" ] && kill -0 "$(cat "$S/driver.pid")" 2>/dev/null; }
