@@ -20,7 +20,7 @@ import optuna
 import yaml
 
 from search.config import ConfigError, TrialConfig, build, flatten
-from search.summaries import DUPLICATE_OF, measured, versus_presets
+from search.summaries import DUPLICATE_OF, is_duplicate, measured, versus_presets
 
 PROJECT = Path(__file__).resolve().parents[1]
 # Machine-local caches a study's servers are pointed at: not part of a deployment's environment.
@@ -261,7 +261,7 @@ def trial_table(study: optuna.Study) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         metrics = t.user_attrs.get("metrics", {})
         origin = t.user_attrs.get("preset") or "sampled"
-        if DUPLICATE_OF in t.user_attrs:  # its price is that trial's measurement, not a second one
+        if is_duplicate(t):  # its price is that trial's measurement, not a second one
             origin += f", answered from trial {t.user_attrs[DUPLICATE_OF]}"
         head = (t.number, t.state.name, origin, t.values[0] if t.values else None,
                 t.user_attrs.get("feasible"), metrics.get("recovery_mean"))

@@ -26,10 +26,11 @@ LOG = """\
 
 def test_a_hit_start_splits_into_the_api_servers_start_the_spawn_the_engine_and_the_warm_up():
     parts = server_starts.breakdown(LOG, whole_s=87.47)
-    assert parts == {"cache": "hit", "whole": 87.5, "api_config": 2.0, "spawn_gap": 24.0, "engine_init": 27.0, "compile": 8.0,
-                     "api_ready": 12.0, "mm_warmup": 10.19, "api_start": 22.5}
+    assert parts == {"cache": "hit", "whole": 87.5, "api_config": 2.0, "spawn_gap": 24.0, "engine_init": 27.0,
+                     "compile": 8.0, "api_ready": 12.0, "mm_warmup": 10.19, "api_start": 22.5}
     # The parts account for the whole, as the product timed it.
-    assert sum(parts[p] for p in ("api_start", "api_config", "spawn_gap", "engine_init", "api_ready")) == pytest.approx(87.5)
+    stages = ("api_start", "api_config", "spawn_gap", "engine_init", "api_ready")
+    assert sum(parts[stage] for stage in stages) == pytest.approx(87.5)
 
 
 def test_a_cold_start_without_the_products_timing_leaves_the_api_start_open():
@@ -54,4 +55,5 @@ def test_the_command_reads_a_studys_trial_folders_and_the_exports_times(tmp_path
     (tmp_path / "trials.csv").write_text("trial,time_serve_s\n28,87.47\n")
     assert server_starts.main([str(tmp_path), "--trials-csv", str(tmp_path / "trials.csv")]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split("\t")[:3] == ["trial", "cache", "whole"] and row.split("\t")[:4] == ["28", "hit", "87.5", "22.5"]
+    assert header.split("\t")[:3] == ["trial", "cache", "whole"]
+    assert row.split("\t")[:4] == ["28", "hit", "87.5", "22.5"]

@@ -51,25 +51,21 @@ def breakdown(log: str, whole_s: float | None = None) -> dict[str, float | str |
     core = [line for line in lines if line.startswith("(EngineCore")]
     if not api or not core:
         raise ValueError("not a vLLM server log of an API server and an engine core")
-    core_first = _stamp(core[0])
-    before_core = [_stamp(line) for line in api if _stamp(line) <= core_first]
+    api_first, core_first = _stamp(api[0]), _stamp(core[0])
+    before_core = [stamp for stamp in map(_stamp, api) if stamp <= core_first]
     init_done = next((_stamp(line) for line in core if "init engine" in line), None)
     ready = next((_stamp(line) for line in api if "Starting vLLM server" in line), None)
-    parts: dict[str, float | str | None] = {
+    return {
         "cache": "hit" if "Directly load the compiled graph" in log else "cold",
         "whole": None if whole_s is None else round(whole_s, 1),
-        "api_config": (before_core[-1] - _stamp(api[0])).total_seconds() if before_core else None,
+        "api_config": (before_core[-1] - api_first).total_seconds() if before_core else None,
         "spawn_gap": (core_first - before_core[-1]).total_seconds() if before_core else None,
         "engine_init": (init_done - core_first).total_seconds() if init_done else None,
         "compile": _seconds_after(core, "torch.compile took", r"took ([\d.]+) s"),
         "api_ready": (ready - init_done).total_seconds() if ready and init_done else None,
         "mm_warmup": _seconds_after(api, "Multi-modal warmup completed", r"completed in ([\d.]+)s"),
+        "api_start": round(whole_s - (ready - api_first).total_seconds(), 1) if whole_s is not None and ready else None,
     }
-    if whole_s is not None and ready:
-        parts["api_start"] = round(whole_s - (ready - _stamp(api[0])).total_seconds(), 1)
-    else:
-        parts["api_start"] = None
-    return parts
 
 
 def main(argv: list[str] | None = None) -> int:
